@@ -1,0 +1,1 @@
+"""Vertical applications built on ``core``: finance, medical, manufacturing."""
