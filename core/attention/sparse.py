@@ -1,0 +1,245 @@
+"""Dynamic sparse attention: a local window plus k learned global tokens, fused by a gate.
+
+Each token attends to (a) its neighbourhood, computed block-wise so every
+``scaled_dot_product_attention`` call sees small contiguous tensors, and (b) ``top_k`` tokens
+per sequence chosen by a learned linear scorer and *gathered* into a separate small K/V set
+(scattering them into a block mask would destroy block sparsity). A per-token, per-head gate
+mixes the two results. Cost is O(L · (window + top_k)) in time and O(segment) in scratch
+memory: long sequences are processed in segments so no (L, 3·dim) projection is alive at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Gate = Literal["local", "global"]
+
+
+def _block_size(window: int) -> int:
+    """Keys of a query are its block and the blocks either side, so block = ceil(window / 2)."""
+    return max(1, math.ceil(window / 2))
+
+
+class DynamicSparseAttention(nn.Module):
+    """Local windowed attention + attention to ``top_k`` learned global tokens + a learnable gate.
+
+    Args:
+        dim: model width; must be divisible by ``heads``.
+        heads: number of attention heads.
+        window: local span. A query sees every token within ``ceil(window / 2)`` positions (and
+            up to ``2 * ceil(window / 2) - 1`` on a side, because neighbourhoods are blocks).
+            With ``window >= L`` the local part is exactly dense attention.
+        top_k: global tokens chosen per sequence by the scorer (0 disables the global branch).
+        dropout: attention-probability dropout (training only).
+        segment_len: tokens processed per step for long inputs; bounds scratch memory, does not
+            change the result.
+
+    ``forward(x, padding_mask)`` maps ``x`` (B, L, dim) to (B, L, dim); ``padding_mask`` is
+    (B, L) bool with True for real tokens. Outputs at padding positions are zero.
+
+    >>> attn = DynamicSparseAttention(dim=32, heads=4, window=8, top_k=2)
+    >>> attn(torch.randn(2, 40, 32)).shape
+    torch.Size([2, 40, 32])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        window: int,
+        top_k: int,
+        dropout: float = 0.0,
+        segment_len: int = 4096,
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or heads <= 0:
+            raise ValueError(f"dim and heads must be positive, got dim={dim}, heads={heads}")
+        if dim % heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if segment_len < 1:
+            raise ValueError(f"segment_len must be >= 1, got {segment_len}")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.window, self.top_k, self.dropout = window, top_k, dropout
+        self.block = _block_size(window)
+        # Whole blocks per segment, so segment edges fall on block edges.
+        self.segment_len = max(1, segment_len // self.block) * self.block
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.scorer = nn.Linear(dim, 1)  # one importance score per token, shared by the heads
+        self.gate = nn.Linear(dim, heads)  # per token and head: weight of local vs global
+
+    # ------------------------------------------------------------------ public
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        force_gate: Gate | None = None,
+    ) -> torch.Tensor:
+        """(B, L, dim) -> (B, L, dim). ``force_gate`` pins the mix to one branch (tests, ablations)."""
+        return self.forward_with_indices(x, padding_mask, force_gate=force_gate)[0]
+
+    def forward_with_indices(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        force_gate: Gate | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Like ``forward`` but also returns the (B, k) global-token indices (None if unused)."""
+        mask = self._check(x, padding_mask)
+        if force_gate not in (None, "local", "global"):
+            raise ValueError(f"force_gate must be None, 'local' or 'global', got {force_gate!r}")
+        B, L, D = x.shape
+        use_global = self.top_k > 0 and force_gate != "local"
+        if force_gate == "global" and self.top_k == 0:
+            raise ValueError("force_gate='global' needs top_k > 0")
+        p = self.dropout if self.training else 0.0
+
+        # ---- global branch inputs: score every token, gather the top-k, project only those.
+        idx: torch.Tensor | None = None
+        kg = vg = gmask = None
+        if use_global:
+            scores = self.scorer(x).squeeze(-1)  # (B, L)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            top, idx = scores.topk(min(self.top_k, L), dim=-1)  # (B, k)
+            xg = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))  # (B, k, D)
+            w_kv, b_kv = self.qkv.weight[D:], self.qkv.bias[D:]
+            kvg = F.linear(xg, w_kv, b_kv).view(B, -1, 2, self.heads, self.head_dim)
+            kg = kvg[:, :, 0].transpose(1, 2)  # (B, H, k, hd)
+            # Scaling values by sigmoid(score) is what lets gradients reach the scorer: top-k
+            # itself is piecewise constant.
+            vg = kvg[:, :, 1].transpose(1, 2) * torch.sigmoid(top)[:, None, :, None]
+            gmask = torch.isfinite(top)[:, None, None, :]  # (B, 1, 1, k): chosen real tokens
+
+        if self.window >= L:  # the local window covers everything: plain dense attention
+            outs = [self._segment(x, mask, 0, L, kg, vg, gmask, force_gate, p, dense=True)]
+        else:
+            outs = [
+                self._segment(
+                    x, mask, s, min(s + self.segment_len, L), kg, vg, gmask, force_gate, p
+                )
+                for s in range(0, L, self.segment_len)
+            ]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if mask is not None:
+            y = y * mask.unsqueeze(-1).to(y.dtype)
+        return y, idx
+
+    # ----------------------------------------------------------------- helpers
+    def _check(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, L, {self.dim}), got {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError("x has an empty sequence dimension")
+        if padding_mask is None:
+            return None
+        if padding_mask.shape != x.shape[:2]:
+            raise ValueError(
+                f"padding_mask must be (B, L) = {tuple(x.shape[:2])}, got {tuple(padding_mask.shape)}"
+            )
+        mask = padding_mask.to(device=x.device, dtype=torch.bool)
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("padding_mask has a sequence with no real tokens")
+        return None if bool(mask.all()) else mask
+
+    def _segment(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        start: int,
+        end: int,
+        kg: torch.Tensor | None,
+        vg: torch.Tensor | None,
+        gmask: torch.Tensor | None,
+        force_gate: Gate | None,
+        p: float,
+        dense: bool = False,
+    ) -> torch.Tensor:
+        """Output rows [start, end) of the layer: local + global attention, gate, projection."""
+        B, L, D = x.shape
+        H, hd = self.heads, self.head_dim
+        S = end - start
+        if dense:
+            qkv = self.qkv(x).view(B, L, 3, H, hd)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, hd)
+            am = None if mask is None else mask[:, None, None, :]
+            local = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=p)
+            local = local.transpose(1, 2)  # (B, L, H, hd)
+            q_rows = q
+            x_rows = x
+        else:
+            local, q_rows, x_rows = self._local(x, mask, start, end, p)
+
+        if force_gate == "local" or kg is None:
+            mixed = local
+        else:
+            assert vg is not None
+            glob = F.scaled_dot_product_attention(q_rows, kg, vg, attn_mask=gmask, dropout_p=p)
+            glob = glob.transpose(1, 2)  # (B, S, H, hd)
+            if force_gate == "global":
+                mixed = glob
+            else:
+                g = torch.sigmoid(self.gate(x_rows)).unsqueeze(-1)  # (B, S, H, 1)
+                mixed = g * local + (1.0 - g) * glob
+        return self.out(mixed.reshape(B, S, D))
+
+    def _local(
+        self, x: torch.Tensor, mask: torch.Tensor | None, start: int, end: int, p: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block-local attention for query rows [start, end).
+
+        Returns the local output (B, S, H, hd), the queries (B, H, S, hd) for the global branch
+        and the input rows (B, S, D) for the gate.
+        """
+        B, L, D = x.shape
+        H, hd, b = self.heads, self.head_dim, self.block
+        S = end - start
+        n = math.ceil(S / b)  # query blocks in this segment
+        # Tokens needed: one block of halo on each side; out-of-range positions are zero-padded
+        # and masked, which keeps every block the same shape.
+        lo, hi = start - b, start + (n + 1) * b
+        xs = x[:, max(lo, 0) : min(hi, L)]
+        pad_l, pad_r = max(0, -lo), max(0, hi - L)
+        if pad_l or pad_r:
+            xs = F.pad(xs, (0, 0, pad_l, pad_r))
+        T = (n + 2) * b
+        valid = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        valid[:, pad_l : T - pad_r] = True if mask is None else mask[:, max(lo, 0) : min(hi, L)]
+
+        # Lay the B rows end to end as one flat run of B*(n+2) blocks: window w is blocks
+        # (w, w+1, w+2) and its queries are block w+1. Every window is then an overlapping
+        # strided *view* of the projection (no copy), at the price of 2 wasted windows per row
+        # that straddle two rows (none when B == 1).
+        W = B * (n + 2) - 2
+        qkv = self.qkv(xs)  # (B, T, 3D), contiguous
+        row = 3 * D  # stride of one token
+        base = qkv.storage_offset()
+        q = qkv.as_strided((W, H, b, hd), (b * row, hd, row, 1), base + b * row)
+        k = qkv.as_strided((W, H, 3 * b, hd), (b * row, hd, row, 1), base + D)
+        v = qkv.as_strided((W, H, 3 * b, hd), (b * row, hd, row, 1), base + 2 * D)
+        kvalid = valid.view(-1).as_strided((W, 3 * b), (b, 1))
+        # A window of pure padding would have no key at all (NaN softmax); let it see
+        # everything, its rows are discarded anyway.
+        kvalid = kvalid | ~kvalid.any(dim=-1, keepdim=True)
+        am = None if bool(kvalid.all()) else kvalid.reshape(W, 1, 1, 3 * b)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=p)  # (W, H, b, hd)
+        if B > 1:  # two padding windows per row make the (B, n+2) block grid regular again
+            out = F.pad(out, (0, 0, 0, 0, 0, 0, 0, 2))
+        out = out.view(B, -1, H, b, hd)[:, :n].permute(0, 1, 3, 2, 4)
+        out = out.reshape(B, n * b, H, hd)[:, :S]  # (B, S, H, hd)
+        q_rows = qkv.view(B, T, 3, H, hd)[:, b : b + S, 0].transpose(1, 2)  # (B, H, S, hd)
+        x_rows = xs[:, b : b + S]
+        return out, q_rows, x_rows
