@@ -51,7 +51,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 bench: assets
-	$(BIN)/vigil bench all
+	$(BIN)/vigil bench all --readme README.md
 
 clean:
 	rm -rf $(VENV) .vigil .pytest_cache .ruff_cache .mypy_cache

@@ -41,6 +41,9 @@ def _setup_logging(level: str) -> None:
         datefmt="[%X]",
         handlers=[RichHandler(rich_tracebacks=False, show_path=False)],
     )
+    # Client libraries narrate every connection at INFO; keep their warnings only.
+    for noisy in ("kafka", "mlflow", "alembic", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 @app.callback()
@@ -49,9 +52,16 @@ def _root(
         str | None, typer.Option(help="Log level (default $VIGIL_LOG_LEVEL or INFO).")
     ] = None,
 ) -> None:
+    import os
+
     from core.settings import get_settings
 
-    _setup_logging(log_level or get_settings().log_level)
+    settings = get_settings()
+    # Offline by default: weights come from registry packages (`vigil assets`), never a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TORCH_HOME", str(settings.torch_home.resolve()))
+    _setup_logging(log_level or settings.log_level)
 
 
 # --------------------------------------------------------------------------- broker

@@ -67,7 +67,9 @@ def _resolve(name: str) -> Callable[[DemoContext], dict[str, Any]] | None:
     return getattr(module, "demo_step", None)
 
 
-def run_demo(quick: bool = False, only: list[str] | None = None, workdir: Path | None = None) -> bool:
+def run_demo(
+    quick: bool = False, only: list[str] | None = None, workdir: Path | None = None
+) -> bool:
     """Run every demo step; print progress and a summary. Returns True when all steps passed."""
     from rich.console import Console
     from rich.table import Table
