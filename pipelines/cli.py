@@ -31,6 +31,30 @@ app.add_typer(fraud_cli.app, name="fraud")
 app.add_typer(medical_cli.app, name="medical")
 app.add_typer(defect_cli.app, name="defect")
 
+# Commands whose modules are built by separate issues; registered when present.
+_OPTIONAL_COMMANDS: tuple[tuple[str, typer.Typer, tuple[str, ...]], ...] = (
+    ("pipelines.ui", app, ("ui",)),
+    ("pipelines.medical_report", medical_cli.app, ("train", "batch", "evaluate")),
+)
+
+
+def _register_optional_commands() -> None:
+    import importlib
+
+    for module_name, group, names in _OPTIONAL_COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        for name in names:
+            if hasattr(module, name):
+                group.command(name)(getattr(module, name))
+
+
+_register_optional_commands()
+
 
 def _setup_logging(level: str) -> None:
     from rich.logging import RichHandler

@@ -20,11 +20,15 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 STEPS: tuple[str, ...] = ("core", "finance", "medical", "manufacturing")
-_STEP_MODULES = {
-    "core": "pipelines.demo",
-    "finance": "pipelines.fraud",
-    "medical": "pipelines.medical",
-    "manufacturing": "pipelines.defect",
+# Each step is a chain of (module, function); a missing module or function is skipped.
+_STEP_FUNCS: dict[str, tuple[tuple[str, str], ...]] = {
+    "core": (("pipelines.demo", "demo_step"),),
+    "finance": (("pipelines.fraud", "demo_step"),),
+    "medical": (
+        ("pipelines.medical", "demo_step"),
+        ("pipelines.medical_report", "demo_step_reports"),
+    ),
+    "manufacturing": (("pipelines.defect", "demo_step"),),
 }
 
 
@@ -63,8 +67,27 @@ def demo_step(ctx: DemoContext) -> dict[str, Any]:
 
 
 def _resolve(name: str) -> Callable[[DemoContext], dict[str, Any]] | None:
-    module = importlib.import_module(_STEP_MODULES[name])
-    return getattr(module, "demo_step", None)
+    """The step's functions chained into one; ``None`` when no part of it is built yet."""
+    funcs = []
+    for module_name, func_name in _STEP_FUNCS[name]:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        if hasattr(module, func_name):
+            funcs.append(getattr(module, func_name))
+    if not funcs:
+        return None
+
+    def chained(ctx: DemoContext) -> dict[str, Any]:
+        summary: dict[str, Any] = {}
+        for fn in funcs:
+            summary.update(fn(ctx))
+        return summary
+
+    return chained
 
 
 def run_demo(
