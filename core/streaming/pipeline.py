@@ -1,0 +1,387 @@
+"""FeaturePipeline: river-style verbs over a set of window specs, plus state snapshots."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import zlib
+from collections import deque
+from collections.abc import Callable, Collection, Hashable, Iterable
+from typing import Any
+
+from core.streaming.spec import Span, Window, parse_span
+from core.streaming.window import KeyState, LateEventError, WindowGroup
+
+__all__ = ["FeaturePipeline", "LateEventError"]
+
+SNAPSHOT_MAGIC = b"VGLWIN"
+SNAPSHOT_VERSION = 1
+_HEADER = len(SNAPSHOT_MAGIC) + 1 + 32  # magic, version byte, sha256 of the payload
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_ON_LATE = ("raise", "nan")
+
+
+def to_seconds(t: Any) -> float:
+    """Event time as float epoch seconds from a number, ``datetime`` (naive = UTC),
+    pandas ``Timestamp`` or ``numpy.datetime64``."""
+    if isinstance(t, bool):
+        raise ValueError(f"event time must be epoch seconds or a datetime, got {t!r}")
+    if isinstance(t, int | float):
+        s = float(t)
+    elif isinstance(t, dt.datetime):
+        s = (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp()
+        nanos = getattr(t, "nanosecond", 0)  # pandas Timestamp keeps nanoseconds
+        s += nanos * 1e-9 if nanos else 0.0
+    elif type(t).__name__ == "datetime64":
+        import numpy as np
+
+        s = float(t.astype("datetime64[ns]").astype(np.int64)) / 1e9
+    else:
+        try:
+            s = float(t)  # numpy numbers and other reals
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"event time must be epoch seconds or a datetime, got {type(t).__name__} {t!r}"
+            ) from None
+    if not math.isfinite(s):
+        raise ValueError(f"event time must be finite, got {t!r}")
+    return s
+
+
+class FeaturePipeline:
+    """Point-in-time correct window features over a stream of dict events.
+
+    ``transform_one`` returns the features *before* the event (it never sees itself);
+    ``learn_one`` adds it to every window whose ``by`` and ``field`` it carries;
+    ``process_one`` does both (the hot path).
+
+    Args:
+        specs: the windows; names must be unique.
+        time_field: event key holding the event time (epoch seconds or a datetime).
+        allowed_lateness: how far behind a window's newest answered query an event may still
+            arrive and be aggregated exactly; later ones are counted (``stats()``) and dropped.
+        on_late: for a *query* later than that: ``"raise"`` a :class:`LateEventError` (default;
+            ``process_one`` then learns nothing) or return ``"nan"`` for that window's features.
+
+    >>> pipe = FeaturePipeline([Window("amount", by="card", agg="mean", span="1h"),
+    ...                         Window("amount", by="card", agg="count", span="1h", name="n")])
+    >>> pipe.process_one({"ts": 0.0, "card": "a", "amount": 10.0})
+    {'card.amount.mean.1h': nan, 'n': 0.0}
+    >>> pipe.process_one({"ts": 60.0, "card": "a", "amount": 30.0})
+    {'card.amount.mean.1h': 10.0, 'n': 1.0}
+    >>> pipe.transform_one({"ts": 3600.0, "card": "a"})  # [0, 3600) still holds the event at 0
+    {'card.amount.mean.1h': 20.0, 'n': 2.0}
+    """
+
+    def __init__(
+        self,
+        specs: Iterable[Window],
+        time_field: str = "ts",
+        allowed_lateness: Span = 0.0,
+        on_late: str = "raise",
+    ) -> None:
+        specs = list(specs)
+        if not specs:
+            raise ValueError("FeaturePipeline needs at least one Window spec")
+        for s in specs:
+            if not isinstance(s, Window):
+                raise ValueError(f"specs must be Window objects, got {type(s).__name__}")
+        names = [s.name for s in specs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate window names: {dupes}; pass name= to tell them apart")
+        if not isinstance(time_field, str) or not time_field:
+            raise ValueError(f"time_field must be a non-empty string, got {time_field!r}")
+        if on_late not in _ON_LATE:
+            raise ValueError(f"on_late must be one of {_ON_LATE}, got {on_late!r}")
+        self.specs: tuple[Window, ...] = tuple(specs)
+        self.time_field = time_field
+        self.allowed_lateness = parse_span(allowed_lateness, "allowed_lateness")
+        self.on_late = on_late
+        outputs: dict[tuple[str, str, float, float], list[tuple[str, str]]] = {}
+        for s in specs:
+            outputs.setdefault(s.group, []).append((s.name, s.agg))
+        self._groups = [
+            WindowGroup(by, field, span, delay, self.allowed_lateness, outs, on_late == "raise")
+            for (by, field, span, delay), outs in outputs.items()
+        ]
+        self._template: dict[str, float] = dict.fromkeys(names, math.nan)
+        self.watermark = -math.inf  # newest event time seen
+        self.n_transformed = 0
+        self.n_learned = 0
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self._template)
+
+    def __repr__(self) -> str:
+        return (
+            f"FeaturePipeline({len(self.specs)} windows, time_field={self.time_field!r}, "
+            f"allowed_lateness={self.allowed_lateness:g}s, on_late={self.on_late!r})"
+        )
+
+    # ------------------------------------------------------------------ verbs
+    def _time(self, event: dict[str, Any]) -> float:
+        try:
+            t = event[self.time_field]
+        except KeyError:
+            raise ValueError(f"event has no time field {self.time_field!r}") from None
+        except TypeError:
+            raise ValueError(f"event must be a dict, got {type(event).__name__}") from None
+        if t.__class__ is not float or t - t != 0.0:
+            t = to_seconds(t)
+        if t > self.watermark:
+            self.watermark = t
+        return t
+
+    def transform_one(self, event: dict[str, Any]) -> dict[str, float]:
+        """Features of ``event`` from the events learned before it (never the event itself)."""
+        t = self._time(event)
+        out = self._template.copy()
+        for g in self._groups:
+            g.query(event, t, out)
+        self.n_transformed += 1
+        return out
+
+    def learn_one(self, event: dict[str, Any]) -> None:
+        """Add ``event`` to every window whose ``by`` and ``field`` it carries (others skip it).
+
+        Events older than a window's answered range plus ``allowed_lateness`` are dropped from
+        that window and counted in ``stats()``. A bad value raises ValueError; nothing is added.
+        """
+        t = self._time(event)
+        jobs: list[tuple[WindowGroup, KeyState, tuple[float, Any]]] = []
+        for g in self._groups:
+            key = event.get(g.by)
+            x = event.get(g.field)
+            if key is None or x is None:
+                continue
+            x = g.clean(x)
+            if x is not None:
+                jobs.append((g, g.state_for(key), (t, x)))
+        for g, st, item in jobs:
+            g.insert(st, item)
+        self.n_learned += 1
+
+    def process_one(self, event: dict[str, Any]) -> dict[str, float]:
+        """``transform_one`` then ``learn_one`` in one pass (the hot path)."""
+        t = self._time(event)
+        out = self._template.copy()
+        groups = self._groups
+        if len(groups) == 1:
+            g = groups[0]
+            job = g.query(event, t, out)
+            if job is not None:
+                g.insert(*job)
+        else:
+            # all queries (which validate every value) before any insert: a bad value leaves
+            # the state untouched
+            jobs = [g.query(event, t, out) for g in groups]
+            for g, job in zip(groups, jobs, strict=True):
+                if job is not None:
+                    g.insert(*job)
+        self.n_transformed += 1
+        self.n_learned += 1
+        return out
+
+    # ------------------------------------------------------------------ housekeeping
+    def expire(self, now: Any) -> int:
+        """Declare that no event older than ``now - allowed_lateness`` will come: advance every
+        key to ``now`` and drop keys whose windows are empty. Returns the number dropped."""
+        t = to_seconds(now)
+        return sum(g.expire(t) for g in self._groups)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: events, keys and items held, late events accepted/dropped per window."""
+        per_group = {}
+        for g in self._groups:
+            per_group[id(g)] = {
+                "keys": len(g.states),
+                "items": g.items_held(),
+                "late_accepted": g.late_accepted,
+                "late_dropped": g.late_dropped,
+                "late_queries": g.late_queries,
+                "late_queries_rejected": g.late_rejected,
+            }
+        group_of = {name: id(g) for g in self._groups for name, _ in g.outputs}
+        windows = {s.name: dict(per_group[group_of[s.name]]) for s in self.specs}
+        return {
+            "events_transformed": self.n_transformed,
+            "events_learned": self.n_learned,
+            "watermark": self.watermark,
+            "keys_held": sum(len(g.states) for g in self._groups),
+            "items_held": sum(v["items"] for v in per_group.values()),
+            "late_dropped": sum(g.late_dropped for g in self._groups),
+            "late_queries_rejected": sum(g.late_rejected for g in self._groups),
+            "windows": windows,
+        }
+
+    # ------------------------------------------------------------------ snapshots
+    def _signature(self) -> list[Any]:
+        return [g.signature for g in self._groups]
+
+    def snapshot(self, keys: Callable[[Any], bool] | Collection[Hashable] | None = None) -> bytes:
+        """Window state as bytes: all keys, or those for which ``keys(key)`` is true (or that
+        are in the collection ``keys``), e.g. the keys of one Kafka partition.
+
+        Counters travel only in a full snapshot (``keys=None``). Keys and categorical values
+        must be str, int, float or bool.
+        """
+        if keys is None:
+            keep: Callable[[Any], bool] = lambda k: True  # noqa: E731
+        elif callable(keys):
+            keep = keys
+        else:
+            wanted = set(keys)
+            keep = wanted.__contains__
+        groups = []
+        for g in self._groups:
+            states = [[_plain(k, "key"), _dump_state(st)] for k, st in g.states.items() if keep(k)]
+            groups.append(
+                {
+                    "floor": g.floor,
+                    "late": [g.late_accepted, g.late_dropped, g.late_queries, g.late_rejected]
+                    if keys is None
+                    else None,
+                    "states": states,
+                }
+            )
+        payload = {
+            "signature": self._signature(),
+            "full": keys is None,
+            "counters": [self.n_transformed, self.n_learned] if keys is None else None,
+            "watermark": self.watermark,
+            "groups": groups,
+        }
+        try:
+            text = json.dumps(payload, separators=(",", ":"), default=_json_default)
+        except ValueError as e:
+            raise ValueError(f"cannot snapshot window state: {e}") from None
+        body = zlib.compress(text.encode(), 6)
+        return SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION]) + hashlib.sha256(body).digest() + body
+
+    def restore(self, blob: bytes) -> None:
+        """Load a :meth:`snapshot` into this pipeline (same window specs). Keys in the snapshot
+        replace this pipeline's state for those keys; other keys are kept. Counters of a full
+        snapshot are added. Anything that is not an intact snapshot raises ValueError and
+        changes nothing."""
+        if not isinstance(blob, bytes | bytearray | memoryview):
+            raise ValueError(f"snapshot must be bytes, got {type(blob).__name__}")
+        blob = bytes(blob)
+        if len(blob) < _HEADER or not blob.startswith(SNAPSHOT_MAGIC):
+            raise ValueError("not a Vigil window snapshot (bad magic bytes)")
+        version = blob[len(SNAPSHOT_MAGIC)]
+        if version != SNAPSHOT_VERSION:
+            raise ValueError(
+                f"unsupported window snapshot version {version} (this build reads "
+                f"{SNAPSHOT_VERSION})"
+            )
+        digest, body = blob[len(SNAPSHOT_MAGIC) + 1 : _HEADER], blob[_HEADER:]
+        if hashlib.sha256(body).digest() != digest:
+            raise ValueError("window snapshot is corrupted (checksum mismatch)")
+        try:
+            payload = json.loads(zlib.decompress(body))
+        except (zlib.error, ValueError) as e:
+            raise ValueError(f"window snapshot payload is unreadable: {e}") from None
+        if not isinstance(payload, dict) or "signature" not in payload:
+            raise ValueError("window snapshot payload is malformed")
+        if payload["signature"] != json.loads(json.dumps(self._signature())):
+            raise ValueError(
+                "window snapshot was taken with different window specs or allowed_lateness: "
+                f"snapshot {payload['signature']} vs pipeline {self._signature()}"
+            )
+        try:
+            loaded = [
+                [(_hashable(k), _load_state(s, g)) for k, s in gp["states"]]
+                for g, gp in zip(self._groups, payload["groups"], strict=True)
+            ]
+            floors = [float(gp["floor"]) for gp in payload["groups"]]
+            lates = [gp["late"] for gp in payload["groups"]]
+            counters = payload["counters"]
+            watermark = float(payload["watermark"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"window snapshot payload is malformed: {e!r}") from None
+        # validated: commit
+        for g, states, floor, late in zip(self._groups, loaded, floors, lates, strict=True):
+            for k, st in states:
+                g.states[k] = st
+            g.floor = max(g.floor, floor)
+            if late is not None:
+                g.late_accepted += late[0]
+                g.late_dropped += late[1]
+                g.late_queries += late[2]
+                g.late_rejected += late[3]
+        if counters is not None:
+            self.n_transformed += counters[0]
+            self.n_learned += counters[1]
+        self.watermark = max(self.watermark, watermark)
+
+
+_PLAIN = (str, int, float, bool)
+
+
+def _plain(v: Any, what: str) -> Any:
+    """``v`` as a JSON scalar that loads back equal and hashable (numpy scalars unwrapped)."""
+    if v.__class__ in _PLAIN:
+        return v
+    item = getattr(v, "item", None)
+    if callable(item) and item().__class__ in _PLAIN:
+        return item()
+    raise ValueError(f"{what} {v!r} ({type(v).__name__}) is not a str, int, float or bool")
+
+
+def _json_default(obj: Any) -> Any:
+    item = getattr(obj, "item", None)  # numpy scalars
+    if callable(item):
+        return item()
+    raise ValueError(f"{type(obj).__name__} {obj!r} is not a str, int, float or bool")
+
+
+def _dump_state(st: KeyState) -> list[Any]:
+    # min/max deques hold items of dq: store their positions so identities survive restore
+    pos = {id(it): i for i, it in enumerate(st.dq)} if (st.mx or st.mn) else {}
+    return [
+        [[ts, v if v.__class__ is float else _plain(v, "value")] for ts, v in st.dq],
+        st.a,
+        st.b,
+        st.f,
+        list(st.m),
+        None if st.mx is None else [pos[id(it)] for it in st.mx],
+        None if st.mn is None else [pos[id(it)] for it in st.mn],
+        None if st.counts is None else [[_plain(v, "value"), c] for v, c in st.counts.items()],
+        st.ent,
+    ]
+
+
+def _hashable(k: Any) -> Any:
+    hash(k)  # TypeError (caught by restore) for a list or dict smuggled into a key
+    return k
+
+
+def _load_state(s: list[Any], g: WindowGroup) -> KeyState:
+    dq_items, a, b, f, m, mx, mn, counts, ent = s
+    st = g.new_state()
+    items = [(float(ts), v) for ts, v in dq_items]
+    if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= len(items)):
+        raise ValueError("window bounds out of range")
+    if any(items[i][0] > items[i + 1][0] for i in range(len(items) - 1)):
+        raise ValueError("window items out of order")
+    st.dq = deque(items)
+    st.a, st.b, st.f = a, b, float(f)
+    K, s1, c1, s2, c2 = (float(v) for v in m)
+    st.m = (K, s1, c1, s2, c2)
+    if (mx is None) != (st.mx is None) or (mn is None) != (st.mn is None):
+        raise ValueError("min/max state does not match the window specs")
+    if st.mx is not None:
+        st.mx.extend(items[i] for i in mx)
+    if st.mn is not None:
+        st.mn.extend(items[i] for i in mn)
+    if (counts is None) != (st.counts is None):
+        raise ValueError("value counts do not match the window specs")
+    if st.counts is not None:
+        for v, c in counts:
+            st.counts[v] = int(c)
+    st.ent = float(ent)
+    return st
