@@ -35,6 +35,7 @@ app.add_typer(defect_cli.app, name="defect")
 _OPTIONAL_COMMANDS: tuple[tuple[str, typer.Typer, tuple[str, ...]], ...] = (
     ("pipelines.ui", app, ("ui",)),
     ("pipelines.medical_report", medical_cli.app, ("train", "batch", "evaluate")),
+    ("pipelines.fraud_service", fraud_cli.app, ("serve", "produce")),
 )
 
 

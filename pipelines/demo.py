@@ -23,7 +23,7 @@ STEPS: tuple[str, ...] = ("core", "finance", "medical", "manufacturing")
 # Each step is a chain of (module, function); a missing module or function is skipped.
 _STEP_FUNCS: dict[str, tuple[tuple[str, str], ...]] = {
     "core": (("pipelines.demo", "demo_step"),),
-    "finance": (("pipelines.fraud", "demo_step"),),
+    "finance": (("pipelines.fraud", "demo_step"), ("pipelines.fraud_service", "demo_step_service")),
     "medical": (
         ("pipelines.medical", "demo_step"),
         ("pipelines.medical_report", "demo_step_reports"),
