@@ -1,0 +1,1 @@
+"""Page bodies: each module has a ``render()`` the page script calls (importing runs nothing)."""

@@ -1,0 +1,206 @@
+"""Medical: browse the chest-CT batch outputs.
+
+Study list with status, slice viewer (scroll, window/level presets) with nodule markers and the
+heat-map overlay, the rendered report, downloads (JSON / PDF / DICOM SR), quarantine list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from apps.ui import data
+
+_MIME = {
+    "json": "application/json",
+    "pdf": "application/pdf",
+    "sr": "application/dicom",
+    "html": "text/html",
+}
+
+
+def _study_table(studies: list[data.StudyOutput]) -> pd.DataFrame:
+    rows = []
+    for s in studies:
+        rep = s.report or {}
+        rows.append(
+            {
+                "study": s.key,
+                "status": s.status,
+                "findings": len(data.findings_of(rep)) if s.report is not None else None,
+                "category": _first(rep, ("lung_rads", "category", "lungrads")),
+                "files": ", ".join(sorted(k for k in s.files if k in _MIME)),
+            }
+        )
+    return pd.DataFrame(rows, columns=["study", "status", "findings", "category", "files"])
+
+
+def _first(d: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        v = d.get(k)
+        if isinstance(v, dict):
+            v = v.get("category") or v.get("value")
+        if v is not None:
+            return str(v)
+    return None
+
+
+def _slice_viewer(study: data.StudyOutput) -> None:
+    files = study.files
+    if "volume" not in files:
+        st.info(
+            "This output has no saved volume (`volume.npz`), so there is no slice viewer for it. "
+            "The report below still lists the findings."
+        )
+        return
+    try:
+        loaded = data.cached_volume(
+            str(files["volume"]),
+            str(files["heatmap"]) if "heatmap" in files else None,
+            data._stamp(files["volume"]),
+        )
+    except (OSError, ValueError) as exc:
+        st.error(f"volume could not be read: {exc}")
+        return
+    if loaded is None:
+        return
+    vol, heat = loaded  # (Z, Y, X) HU, (Z, Y, X) heat or None
+    findings = data.findings_of(study.report)
+    centres = [(f, c) for f in findings if (c := data.finding_voxel(f)) is not None]
+    start = round(centres[0][1][0]) if centres else vol.shape[0] // 2
+    c1, c2, c3 = st.columns([3, 2, 1])
+    z = c1.slider(
+        "Slice", 0, vol.shape[0] - 1, min(max(start, 0), vol.shape[0] - 1), key="med_slice"
+    )
+    preset = c2.radio("Window", [*data.WINDOWS, "custom"], horizontal=True, key="med_window")
+    show_heat = c3.checkbox(
+        "Heat map", value=heat is not None, disabled=heat is None, key="med_heat"
+    )
+    if preset == "custom":
+        w1, w2 = st.columns(2)
+        width = w1.number_input("Width (HU)", 1.0, 4000.0, 1500.0, key="med_ww")
+        level = w2.number_input("Level (HU)", -1200.0, 3000.0, -600.0, key="med_wl")
+    else:
+        width, level = data.WINDOWS[preset]
+    gray = data.window_level(vol[z], width, level)
+    markers = []
+    for f, (fz, fy, fx) in centres:
+        size_mm = f.get("size_mm") or f.get("diameter_mm") or 6.0
+        spacing = float(f.get("pixel_spacing_mm") or 1.0)
+        half = float(size_mm) / spacing / 2.0
+        if abs(fz - z) <= max(1.0, half):  # the nodule crosses this slice
+            markers.append((fy, fx, half))
+    rgb = data.overlay_slice(gray, heat[z] if (show_heat and heat is not None) else None, markers)
+    st.image(
+        rgb,
+        caption=f"slice {z} / {vol.shape[0] - 1} · W {width:.0f} L {level:.0f} · "
+        f"{len(markers)} marker(s)",
+        width=min(640, max(256, rgb.shape[1] * 2)),
+    )
+
+
+def _report(study: data.StudyOutput) -> None:
+    files = study.files
+    if "html" in files:
+        # st.html sanitises (DOMPurify): report text comes from DICOM headers and referrals.
+        with st.container(height=520, border=True):
+            st.html(files["html"].read_text(errors="replace"))
+    elif study.report is not None:
+        st.json(study.report, expanded=False)
+    else:
+        st.info("No report for this study (see its status and the quarantine list).")
+    cols = st.columns(4)
+    for col, kind, label in zip(
+        cols, ("json", "pdf", "sr", "html"), ("JSON", "PDF", "DICOM SR", "HTML"), strict=True
+    ):
+        p = files.get(kind)
+        if p is None:
+            col.button(
+                f"{label} —",
+                disabled=True,
+                key=f"med_dl_none_{kind}",
+                help="not written for this study",
+            )
+        else:
+            col.download_button(
+                f"Download {label}",
+                p.read_bytes(),
+                file_name=p.name,
+                mime=_MIME[kind],
+                key=f"med_dl_{kind}",
+            )
+
+
+def render() -> None:
+    st.title("Medical")
+    batches = data.find_medical_batches()
+    labels = [data.relative(b) for b in batches]
+    choice = st.selectbox(
+        "Batch output",
+        labels,
+        index=0 if labels else None,
+        placeholder="no batch outputs found",
+        key="med_batch",
+    )
+    custom = st.text_input("…or a folder", key="med_path", placeholder="/path/to/batch-output")
+    batch: Path | None = None
+    if custom.strip():
+        batch = Path(custom.strip()).expanduser()
+        if not batch.is_dir():
+            st.error(f"`{batch}` is not a folder.")
+            return
+    elif choice is not None:
+        batch = batches[labels.index(choice)]
+    if batch is None:
+        st.info(
+            f"No chest-CT batch outputs yet — run `{data.HINTS['medical']}` "
+            f"(or `{data.HINTS['demo']}`)."
+        )
+        return
+
+    studies = data.list_studies(batch)
+    quarantine = data.read_quarantine(batch)
+    tab_studies, tab_quarantine = st.tabs(
+        [f"Studies ({len(studies)})", f"Quarantine ({len(quarantine)})"]
+    )
+    with tab_studies:
+        if not studies:
+            st.info("This folder holds no study outputs.")
+        else:
+            status = sorted({s.status for s in studies})
+            keep = st.multiselect("Status", status, default=status, key="med_status")
+            shown = [s for s in studies if s.status in keep]
+            st.dataframe(_study_table(shown), hide_index=True, width="stretch", key="med_table")
+            if shown:
+                key = st.selectbox("Study", [s.key for s in shown], key="med_study")
+                study = next(s for s in shown if s.key == key)
+                viewer, report = st.columns([1, 1])
+                with viewer:
+                    st.markdown("**Slices**")
+                    _slice_viewer(study)
+                    findings = data.findings_of(study.report)
+                    if findings:
+                        st.dataframe(
+                            pd.DataFrame(findings).astype(str),
+                            hide_index=True,
+                            width="stretch",
+                            key="med_findings",
+                        )
+                with report:
+                    st.markdown("**Report**")
+                    _report(study)
+    with tab_quarantine:
+        if quarantine.empty:
+            st.success("Nothing quarantined in this batch.")
+        else:
+            reasons = sorted(quarantine["reason"].dropna().astype(str).unique())
+            pick = st.multiselect("Reason", reasons, default=reasons, key="med_reasons")
+            st.dataframe(
+                quarantine[quarantine["reason"].astype(str).isin(pick)],
+                hide_index=True,
+                width="stretch",
+                key="med_quarantine",
+            )
