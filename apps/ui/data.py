@@ -26,7 +26,7 @@ APPS: tuple[str, ...] = ("finance", "medical", "manufacturing")
 #: Words that tie a registered model or experiment to an app (names are chosen by app helpers).
 APP_KEYWORDS: dict[str, tuple[str, ...]] = {
     "finance": ("fraud", "finance", "card"),
-    "medical": ("medical", "ct", "nodule", "lung", "report"),
+    "medical": ("medical", "chest", "nodule", "lung", "pacs", "-ct", "ct-"),
     "manufacturing": ("defect", "manufactur", "surface", "anomaly"),
 }
 #: The command that produces each app's outputs, shown when there is nothing to display yet.

@@ -58,7 +58,10 @@ def render() -> None:
     if not keys:
         st.caption("This run logged no metrics.")
     else:
-        chosen = st.multiselect("Metrics", keys, default=list(keys[:4]), key="runs_metrics")
+        # keyed by run: another run has other metrics, and its defaults must apply afresh
+        chosen = st.multiselect(
+            "Metrics", keys, default=list(keys[:4]), key=f"runs_metrics_{run['run_id']}"
+        )
         if chosen:
             hist = data.cached_metric_history(uri, str(run["run_id"]), tuple(chosen))
             if hist["step"].nunique() > 1:
