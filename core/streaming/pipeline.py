@@ -132,16 +132,19 @@ class FeaturePipeline:
             raise ValueError(f"event must be a dict, got {type(event).__name__}") from None
         if t.__class__ is not float or t - t != 0.0:
             t = to_seconds(t)
-        if t > self.watermark:
-            self.watermark = t
         return t
 
     def transform_one(self, event: dict[str, Any]) -> dict[str, float]:
         """Features of ``event`` from the events learned before it (never the event itself)."""
         t = self._time(event)
         out = self._template.copy()
-        for g in self._groups:
-            g.query(event, t, out)
+        groups = self._groups
+        ready = [g.prepare(event, t) for g in groups]  # validates everything before any change
+        for g, r in zip(groups, ready, strict=True):
+            if r is not None:
+                g.query(r[0], r[1], t, out)
+        if t > self.watermark:
+            self.watermark = t
         self.n_transformed += 1
         return out
 
@@ -152,17 +155,13 @@ class FeaturePipeline:
         that window and counted in ``stats()``. A bad value raises ValueError; nothing is added.
         """
         t = self._time(event)
-        jobs: list[tuple[WindowGroup, KeyState, tuple[float, Any]]] = []
-        for g in self._groups:
-            key = event.get(g.by)
-            x = event.get(g.field)
-            if key is None or x is None:
-                continue
-            x = g.clean(x)
-            if x is not None:
-                jobs.append((g, g.state_for(key), (t, x)))
-        for g, st, item in jobs:
-            g.insert(st, item)
+        groups = self._groups
+        ready = [g.prepare(event, t, query=False) for g in groups]
+        for g, r in zip(groups, ready, strict=True):
+            if r is not None and r[1] is not None:
+                g.insert(r[0], (t, r[1]))
+        if t > self.watermark:
+            self.watermark = t
         self.n_learned += 1
 
     def process_one(self, event: dict[str, Any]) -> dict[str, float]:
@@ -172,16 +171,22 @@ class FeaturePipeline:
         groups = self._groups
         if len(groups) == 1:
             g = groups[0]
-            job = g.query(event, t, out)
-            if job is not None:
-                g.insert(*job)
+            r = g.prepare(event, t)
+            if r is not None:
+                st, x = r
+                g.query(st, x, t, out)
+                if x is not None:
+                    g.insert(st, (t, x))
         else:
-            # all queries (which validate every value) before any insert: a bad value leaves
-            # the state untouched
-            jobs = [g.query(event, t, out) for g in groups]
-            for g, job in zip(groups, jobs, strict=True):
-                if job is not None:
-                    g.insert(*job)
+            ready = [g.prepare(event, t) for g in groups]  # validate all before any change
+            for g, r in zip(groups, ready, strict=True):
+                if r is not None:
+                    st, x = r
+                    g.query(st, x, t, out)
+                    if x is not None:
+                        g.insert(st, (t, x))
+        if t > self.watermark:
+            self.watermark = t
         self.n_transformed += 1
         self.n_learned += 1
         return out
@@ -362,7 +367,7 @@ def _hashable(k: Any) -> Any:
 
 def _load_state(s: list[Any], g: WindowGroup) -> KeyState:
     dq_items, a, b, f, m, mx, mn, counts, ent = s
-    st = g.new_state()
+    st = KeyState(g.floor, g.want_min, g.want_max, g.cat)
     items = [(float(ts), v) for ts, v in dq_items]
     if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= len(items)):
         raise ValueError("window bounds out of range")
@@ -370,8 +375,8 @@ def _load_state(s: list[Any], g: WindowGroup) -> KeyState:
         raise ValueError("window items out of order")
     st.dq = deque(items)
     st.a, st.b, st.f = a, b, float(f)
-    K, s1, c1, s2, c2 = (float(v) for v in m)
-    st.m = (K, s1, c1, s2, c2)
+    s0, c0, K, s1, c1, s2, c2 = (float(v) for v in m)
+    st.m = (s0, c0, K, s1, c1, s2, c2)
     if (mx is None) != (st.mx is None) or (mn is None) != (st.mn is None):
         raise ValueError("min/max state does not match the window specs")
     if st.mx is not None:

@@ -13,9 +13,11 @@ than ``u``; each item is added once and removed once, so the cost is O(1) amorti
 Running aggregates:
 
 * count = ``b - a``; last / last_gap read ``dq[b - 1]``.
-* sum / mean / var / std: error-free (TwoSum-compensated) running sums of ``d = x - K`` and
-  ``d * d``, with the shift ``K`` re-anchored to a window value whenever the window empties or
-  cancellation would cost more than ~4 digits; removal subtracts exactly what was added.
+* sum / mean: a compensated running sum of ``x`` (TwoSum: each add/remove is error-free up to
+  the final rounding, so an outlier that leaves the window leaves no residue).
+* var / std: compensated running sums of ``d = x - K`` and ``d * d``; the shift ``K`` is a
+  window value, re-anchored when the window empties or when ``S2 - S1^2/n`` would cancel
+  more than ~4 of 16 digits. Removal subtracts exactly the terms that were added.
 * min / max: monotonic deques of items (values increasing / decreasing, times increasing).
 * distinct / entropy / seen: counts per value and a running ``sum(c * log(c))``.
 """
@@ -37,7 +39,9 @@ NAN = math.nan
 _TS = itemgetter(0)
 _log = math.log
 _sqrt = math.sqrt
-_ZERO_MOMENTS = (0.0, 0.0, 0.0, 0.0, 0.0)  # (K, s1, c1, s2, c2)
+# (s0, c0): sum of x and its compensation; (K, s1, c1, s2, c2): shift, sums of x-K, (x-K)^2
+_ZERO_MOMENTS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+Moments = tuple[float, float, float, float, float, float, float]
 # Re-anchor the variance shift when the centred sum of squares is below this share of the
 # raw one: beyond it, S2 - S1^2/n would lose more than ~4 of the 16 significant digits.
 _CANCEL = 1e-4
@@ -94,6 +98,13 @@ def _to_category(x: Any, field: str) -> Hashable | None:
     return x
 
 
+def _two_sum(s: float, c: float, y: float) -> tuple[float, float]:
+    """``(s', c')`` with ``s' + c' = s + c + y`` up to rounding of ``c``: compensated add."""
+    t = s + y
+    bp = t - s
+    return t, c + ((s - (t - bp)) + (y - bp))
+
+
 class KeyState:
     """Window state of one key (see the module docstring for the layout of ``dq``)."""
 
@@ -104,7 +115,7 @@ class KeyState:
         self.a = 0
         self.b = 0
         self.f = f
-        self.m: tuple[float, float, float, float, float] = _ZERO_MOMENTS
+        self.m: Moments = _ZERO_MOMENTS
         self.mn: deque[tuple[float, Any]] | None = deque() if want_min else None
         self.mx: deque[tuple[float, Any]] | None = deque() if want_max else None
         self.counts: dict[Any, int] | None = {} if want_counts else None
@@ -136,7 +147,7 @@ class WindowGroup:
         self.outputs = [(name, CODES[agg]) for name, agg in outputs]
         self.aggs = aggs
         self.numeric = bool(aggs & NUMERIC_AGGS)
-        self.mom = bool(aggs & {"sum", "mean", "std", "var"})
+        self.m1 = bool(aggs & {"sum", "mean"})
         self.m2 = bool(aggs & {"std", "var"})
         self.want_min = "min" in aggs
         self.want_max = "max" in aggs
@@ -155,43 +166,19 @@ class WindowGroup:
         """What must match for a snapshot of this group to restore into another."""
         return [self.by, self.field, self.span, self.delay, self.lateness, sorted(self.aggs)]
 
-    def new_state(self) -> KeyState:
-        return KeyState(self.floor, self.want_min, self.want_max, self.cat)
-
-    # ------------------------------------------------------------------ values
-    def clean(self, x: Any) -> Any:
-        """The value to store for ``x`` (``None`` = missing); ValueError for a bad value."""
-        if self.numeric:
-            if x.__class__ is not float or x - x != 0.0:
-                return _to_number(x, self.field)
-            return x
-        if x.__class__ is str or x.__class__ is int:
-            return x
-        return _to_category(x, self.field)
-
-    def state_for(self, key: Any) -> KeyState:
-        try:
-            st = self.states.get(key)
-        except TypeError:
-            raise ValueError(
-                f"key field {self.by!r} must be hashable, got {type(key).__name__}"
-            ) from None
-        if st is None:
-            st = self.states[key] = self.new_state()
-        return st
-
     # ------------------------------------------------------------------ hot path
-    def query(
-        self, event: dict[str, Any], t: float, out: dict[str, float]
-    ) -> tuple[KeyState, tuple[float, Any]] | None:
-        """Write this group's features for ``event`` at time ``t`` into ``out``.
+    def prepare(
+        self, event: dict[str, Any], t: float, query: bool = True
+    ) -> tuple[KeyState, Any] | None:
+        """Validate ``event`` for this group: ``(state of its key, cleaned value)``.
 
-        Returns what :meth:`insert` should add if the event is then learned (``None`` when the
-        event lacks the key or the field). Raises ValueError for a bad value before any change.
+        ``None`` when the event has no key. The value is ``None`` when absent (or NaN). Raises
+        ValueError for a bad key or value and, for a ``query`` in raise mode,
+        :class:`LateEventError` — both before anything changes.
         """
         key = event.get(self.by)
         if key is None:
-            return None  # no key: features stay NaN, nothing to learn
+            return None
         x = event.get(self.field)
         if x is not None:
             if self.numeric:
@@ -199,29 +186,43 @@ class WindowGroup:
                     x = _to_number(x, self.field)
             elif x.__class__ is not str and x.__class__ is not int:
                 x = _to_category(x, self.field)
-        st = self.state_for(key)
+        try:
+            st = self.states.get(key)
+        except TypeError:
+            raise ValueError(
+                f"key field {self.by!r} must be hashable, got {type(key).__name__}"
+            ) from None
+        if st is None:
+            if query and self.raise_late and t - self.delay < self.floor - self.lateness:
+                self._reject(key, t, self.floor)
+            st = self.states[key] = KeyState(self.floor, self.want_min, self.want_max, self.cat)
+        elif query and self.raise_late and t - self.delay < st.f - self.lateness:
+            self._reject(key, t, st.f)
+        return st, x
+
+    def _reject(self, key: Any, t: float, f: float) -> None:
+        self.late_rejected += 1
+        raise LateEventError(
+            f"event at t={t!r} is {f - (t - self.delay):g}s behind window "
+            f"{self.by}.{self.field} (span {self.span:g}s, delay {self.delay:g}s) for key "
+            f"{key!r}; allowed lateness is {self.lateness:g}s"
+        )
+
+    def query(self, st: KeyState, x: Any, t: float, out: dict[str, float]) -> None:
+        """Write this group's features at time ``t`` into ``out`` (``x``: the event's value)."""
         u = t - self.delay
         if u >= st.f:
-            if st.b < len(st.dq) or st.a < st.b:
+            if st.dq:
                 self.advance(st, u)
             st.f = u
             self.emit(st, t, x, out)
         elif u >= st.f - self.lateness:
             self.late_queries += 1
             self.emit_exact(st, u, t, x, out)
-        else:
+        else:  # too late, on_late="nan" (raise mode stopped in prepare)
             self.late_rejected += 1
-            if self.raise_late:
-                raise LateEventError(
-                    f"event at t={t!r} is {st.f - u:g}s behind window "
-                    f"{self.by}.{self.field} (span {self.span:g}s, delay {self.delay:g}s) "
-                    f"for key {key!r}; allowed lateness is {self.lateness:g}s"
-                )
             for name, _ in self.outputs:
                 out[name] = NAN
-        if x is None:
-            return None
-        return st, (t, x)
 
     def advance(self, st: KeyState, u: float) -> None:
         """Move the window of ``st`` to ``[u - span, u)`` (``u >= st.f``)."""
@@ -230,12 +231,13 @@ class WindowGroup:
         b = st.b
         nd = len(dq)
         lo = u - self.span
-        mom = self.mom
+        m1 = self.m1
         m2 = self.m2
         cat = self.cat
         counts = st.counts
         ent = st.ent
-        K, s1, c1, s2, c2 = st.m
+        s0, c0, K, s1, c1, s2, c2 = st.m
+        # Compensated sums below use TwoSum: s + y = new_s + err exactly, err goes to c.
         # 1. evict items that fell out of the window: subtract exactly what was added
         while a < b:
             it = dq[a]
@@ -243,79 +245,86 @@ class WindowGroup:
                 break
             a += 1
             x = it[1]
-            if mom:
-                y = K - x  # -(x - K)
+            if m1:
+                y = -x
+                s = s0 + y
+                bp = s - s0
+                c0 += (s0 - (s - bp)) + (y - bp)
+                s0 = s
+            if m2:
+                y = K - x  # = -(x - K) exactly: rounding is symmetric
                 s = s1 + y
                 bp = s - s1
                 c1 += (s1 - (s - bp)) + (y - bp)
                 s1 = s
-                if m2:
-                    y = -(y * y)
-                    s = s2 + y
-                    bp = s - s2
-                    c2 += (s2 - (s - bp)) + (y - bp)
-                    s2 = s
+                y = -(y * y)
+                s = s2 + y
+                bp = s - s2
+                c2 += (s2 - (s - bp)) + (y - bp)
+                s2 = s
             if cat:
                 c = counts[x]  # type: ignore[index]
                 if c == 1:
                     del counts[x]  # type: ignore[union-attr]
                 else:
                     counts[x] = c - 1  # type: ignore[index]
-                if self.want_ent:
-                    ent -= c * _log(c) - (c - 1) * _log(c - 1) if c > 1 else 0.0
+                    if self.want_ent:
+                        ent -= c * _log(c) - (c - 1) * _log(c - 1)
         if a == b:
             # empty window: restart from exact zeros (drops all accumulated rounding)
             while b < nd and dq[b][0] < lo:  # pending items that expire before being seen
                 b += 1
             a = b
-            K = s1 = c1 = s2 = c2 = ent = 0.0
+            s0 = c0 = K = s1 = c1 = s2 = c2 = ent = 0.0
             if m2 and b < nd:
                 K = dq[b][1]
             if cat:
                 counts.clear()  # type: ignore[union-attr]
         # 2. fold in pending items that became visible
+        mx = st.mx
+        mn = st.mn
         while b < nd:
             it = dq[b]
             if it[0] >= u:
                 break
             b += 1
             x = it[1]
-            if mom:
+            if m1:
+                s = s0 + x
+                bp = s - s0
+                c0 += (s0 - (s - bp)) + (x - bp)
+                s0 = s
+            if m2:
                 y = x - K
                 s = s1 + y
                 bp = s - s1
                 c1 += (s1 - (s - bp)) + (y - bp)
                 s1 = s
-                if m2:
-                    y = y * y
-                    s = s2 + y
-                    bp = s - s2
-                    c2 += (s2 - (s - bp)) + (y - bp)
-                    s2 = s
+                y = y * y
+                s = s2 + y
+                bp = s - s2
+                c2 += (s2 - (s - bp)) + (y - bp)
+                s2 = s
             if cat:
                 c = counts.get(x, 0)  # type: ignore[union-attr]
                 counts[x] = c + 1  # type: ignore[index]
-                if self.want_ent:
-                    ent += (c + 1) * _log(c + 1) - (c * _log(c) if c else 0.0)
-            mx = st.mx
+                if self.want_ent and c:
+                    ent += (c + 1) * _log(c + 1) - c * _log(c)
             if mx is not None:
                 while mx and mx[-1][1] <= x:
                     mx.pop()
                 mx.append(it)
-            mn = st.mn
             if mn is not None:
                 while mn and mn[-1][1] >= x:
                     mn.pop()
                 mn.append(it)
-        if mom:
-            st.m = (K, s1, c1, s2, c2)
+        if m1 or m2:
+            st.m = (s0, c0, K, s1, c1, s2, c2)
         st.ent = ent
-        if st.mx is not None:
-            mx = st.mx
+        if mx is not None:
             while mx and mx[0][0] < lo:
                 mx.popleft()
-        if st.mn is not None:
-            mn = st.mn
+        if mn is not None:
             while mn and mn[0][0] < lo:
                 mn.popleft()
         # 3. forget items too old even for a late query
@@ -331,20 +340,18 @@ class WindowGroup:
         """Write the features of the current window of ``st`` (query time ``t``) into ``out``."""
         n = st.b - st.a
         mean = var = NAN
-        if self.mom and n:
-            K, s1, c1, s2, c2 = st.m
-            S1 = s1 + c1
-            mean = K + S1 / n
+        if n:
+            s0, c0, _, s1, c1, s2, c2 = st.m
+            mean = (s0 + c0) / n
             if self.m2 and n > 1:
+                S1 = s1 + c1
                 S2 = s2 + c2
                 ss = S2 - S1 * S1 / n
                 if ss < _CANCEL * S2:
                     # cancellation (or an exact constant window); re-anchor unless exact already
                     if S2 > 0.0:
-                        self._reanchor(st)
-                        K, s1, c1, s2, c2 = st.m
+                        _, _, _, s1, c1, s2, c2 = self._reanchor(st)
                         S1 = s1 + c1
-                        mean = K + S1 / n
                         ss = (s2 + c2) - S1 * S1 / n
                     ss = ss if ss > 0.0 else 0.0
                 var = ss / (n - 1)
@@ -356,11 +363,7 @@ class WindowGroup:
             elif code == STD:
                 out[name] = _sqrt(var) if var == var else NAN
             elif code == SUM:
-                if n:
-                    K, s1, c1, _, _ = st.m
-                    out[name] = n * K + (s1 + c1) if K else s1 + c1
-                else:
-                    out[name] = 0.0
+                out[name] = st.m[0] + st.m[1]
             elif code == VAR:
                 out[name] = var
             elif code == MIN:
@@ -378,13 +381,14 @@ class WindowGroup:
             else:  # SEEN
                 out[name] = NAN if x is None else (1.0 if x in st.counts else 0.0)  # type: ignore[operator]
 
-    def _reanchor(self, st: KeyState) -> None:
+    def _reanchor(self, st: KeyState) -> Moments:
         """Recompute the shifted sums with ``K`` = the window value nearest the mean."""
         vals = [v for _, v in islice(st.dq, st.a, st.b)]
         mean = math.fsum(vals) / len(vals)
         K = min(vals, key=lambda v: abs(v - mean))
         d = [v - K for v in vals]
-        st.m = (K, math.fsum(d), 0.0, math.fsum([e * e for e in d]), 0.0)
+        st.m = (*st.m[:2], K, math.fsum(d), 0.0, math.fsum([e * e for e in d]), 0.0)
+        return st.m
 
     # ------------------------------------------------------------------ learning
     def insert(self, st: KeyState, item: tuple[float, Any]) -> None:
@@ -413,28 +417,22 @@ class WindowGroup:
             st.b += 1
             return
         st.b += 1
-        if self.mom:
-            if st.b - st.a == 1:
-                st.m = ((x if self.m2 else 0.0), 0.0, 0.0, 0.0, 0.0)
-            K, s1, c1, s2, c2 = st.m
-            y = x - K
-            s = s1 + y
-            bp = s - s1
-            c1 += (s1 - (s - bp)) + (y - bp)
-            s1 = s
+        if self.m1 or self.m2:
+            if st.b - st.a == 1:  # first item of an empty window: exact restart
+                st.m = (0.0, 0.0, (x if self.m2 else 0.0), 0.0, 0.0, 0.0, 0.0)
+            s0, c0, K, s1, c1, s2, c2 = st.m
+            if self.m1:
+                s0, c0 = _two_sum(s0, c0, x)
             if self.m2:
-                y = y * y
-                s = s2 + y
-                bp = s - s2
-                c2 += (s2 - (s - bp)) + (y - bp)
-                s2 = s
-            st.m = (K, s1, c1, s2, c2)
+                s1, c1 = _two_sum(s1, c1, x - K)
+                s2, c2 = _two_sum(s2, c2, (x - K) * (x - K))
+            st.m = (s0, c0, K, s1, c1, s2, c2)
         if self.cat:
             counts = st.counts
             c = counts.get(x, 0)  # type: ignore[union-attr]
             counts[x] = c + 1  # type: ignore[index]
-            if self.want_ent:
-                st.ent += (c + 1) * _log(c + 1) - (c * _log(c) if c else 0.0)
+            if self.want_ent and c:
+                st.ent += (c + 1) * _log(c + 1) - c * _log(c)
         self.rebuild_extrema(st)
 
     def rebuild_extrema(self, st: KeyState) -> None:
