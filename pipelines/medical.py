@@ -2,6 +2,288 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
 
-app = typer.Typer(help="Chest-CT: synth exports, scan PACS folders, batch reports.", no_args_is_help=True)
+from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    from pipelines.demo import DemoContext
+
+app = typer.Typer(
+    help="Chest-CT: synth exports, scan PACS folders, batch reports.", no_args_is_help=True
+)
+
+
+def _spacing(text: str) -> tuple[float, float, float] | None:
+    if text.strip().lower() in ("none", "native", ""):
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--spacing must be three numbers like 1,1,1.25 (got {text!r})") from None
+    if len(vals) != 3 or min(vals) <= 0:
+        raise UserError(f"--spacing must be three positive numbers like 1,1,1.25 (got {text!r})")
+    return vals  # type: ignore[return-value]
+
+
+def _salt(salt: str | None) -> str:
+    from apps.medical.deid import DEFAULT_SALT
+
+    return salt or os.environ.get("VIGIL_DEID_SALT") or DEFAULT_SALT
+
+
+# --------------------------------------------------------------------------- synth
+@app.command("synth")
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (gets pacs/ and truth/).")],
+    studies: Annotated[int, typer.Option(help="Number of studies.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same export).")] = 0,
+    matrix: Annotated[int, typer.Option(help="Rows = columns of the axial images.")] = 192,
+    slices: Annotated[int, typer.Option(help="Slices of the primary series.")] = 120,
+    slice_mm: Annotated[float, typer.Option(help="Slice thickness = spacing (mm).")] = 2.0,
+    fov_mm: Annotated[float, typer.Option(help="Field of view (mm).")] = 340.0,
+    min_nodules: Annotated[int, typer.Option(help="At least this many nodules.")] = 0,
+    max_nodules: Annotated[int, typer.Option(help="At most this many nodules.")] = 4,
+    second_recon: Annotated[float, typer.Option(help="Probability of a 2nd recon.")] = 0.5,
+    transfer_syntax: Annotated[
+        str, typer.Option(help="explicit, implicit, jpeg2000, jpegls or rle.")
+    ] = "explicit",
+    dicomdir: Annotated[bool, typer.Option(help="Write a DICOM file set with DICOMDIR.")] = False,
+    edge_cases: Annotated[
+        bool, typer.Option(help="Also write broken/unusual studies under pacs/edge_cases.")
+    ] = False,
+) -> None:
+    """Write phantom chest-CT studies as a PACS export (DICOM) plus ground-truth JSON."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from apps.medical import phantom
+
+    try:
+        cfg = phantom.PhantomConfig(
+            matrix=matrix,
+            fov_mm=fov_mm,
+            slice_mm=slice_mm,
+            n_slices=slices,
+            min_nodules=min_nodules,
+            max_nodules=max_nodules,
+            second_recon=second_recon,
+            transfer_syntax=transfer_syntax,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if studies < 1:
+        raise UserError("--studies must be >= 1")
+    if out.exists() and any((out / "pacs").glob("*")):
+        raise UserError(f"{out / 'pacs'} is not empty; choose a new --out folder")
+    console = Console()
+    with Progress(console=console) as bar:
+        task = bar.add_task("synthesising studies", total=studies)
+        truths = phantom.write_export(
+            out,
+            studies,
+            seed,
+            cfg,
+            dicomdir=dicomdir,
+            progress=lambda n: bar.update(task, completed=n),
+        )
+    n_nod = sum(len(t["nodules"]) for t in truths)
+    console.print(
+        f"wrote {studies} studies ({n_nod} nodules) to {out / 'pacs'}; truth in {out / 'truth'}"
+    )
+    if edge_cases:
+        cases = phantom.write_edge_cases(out / "pacs" / "edge_cases", seed=seed)
+        console.print(f"wrote {len(cases)} edge cases to {out / 'pacs' / 'edge_cases'}")
+
+
+# --------------------------------------------------------------------------- scan
+def scan_export(
+    folder: Path,
+    out: Path,
+    *,
+    rules_path: Path | None = None,
+    build: bool = True,
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.25),
+    fill_gaps: bool = False,
+    salt: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Scan, select, build volumes; write ``index.json`` and ``quarantine.jsonl`` (de-identified)."""
+    from rich.progress import Progress
+
+    from apps.medical import pacs
+    from apps.medical.deid import Deidentifier
+
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder")
+    try:
+        rules = pacs.SelectionRules.from_json(rules_path) if rules_path else pacs.SelectionRules()
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"bad --rules file {rules_path}: {exc}") from None
+    deid = Deidentifier(_salt(salt))
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("scanning headers", total=None)
+        result = pacs.scan_folder(
+            folder, deid=deid, progress=lambda n, total: bar.update(task, completed=n, total=total)
+        )
+        studies_out = []
+        task2 = bar.add_task("building volumes", total=len(result.studies))
+        for study in result.studies.values():
+            sel = pacs.select_series(study, rules, result=result)
+            vols = (
+                pacs.load_study_volumes(
+                    study, rules, spacing, result=result, fill_gaps=fill_gaps, selection=sel
+                )
+                if build
+                else []
+            )
+            studies_out.append(
+                {
+                    **study.summary(),
+                    "selection": [d.__dict__ for d in sel.decisions],
+                    "volumes": [
+                        {
+                            "series_key": v.series_key,
+                            "shape": list(v.shape),
+                            "spacing": [round(s, 4) for s in v.spacing],
+                            "rank": v.meta.get("rank"),
+                            "warnings": v.meta["warnings"],
+                        }
+                        for v in vols
+                    ],
+                }
+            )
+            bar.advance(task2)
+    out.mkdir(parents=True, exist_ok=True)
+    report = result.write_issues(out / "quarantine.jsonl")
+    summary = {**result.summary(), "volumes": sum(len(s["volumes"]) for s in studies_out)}
+    index = {"schema": "vigil.medical.index/1", "summary": summary, "studies": studies_out}
+    # the index holds keys, descriptions and geometry only; scrub once more to be sure
+    text = deid.scrub_text(json.dumps(index, indent=1, default=str), result.identity())
+    (out / "index.json").write_text(text)
+    return {
+        "summary": summary,
+        "index": out / "index.json",
+        "quarantine": report,
+        "studies": studies_out,
+    }
+
+
+@app.command("scan")
+def scan(
+    folder: Annotated[Path, typer.Argument(help="PACS export folder (scanned recursively).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Report folder (default $VIGIL_HOME/scans/<name>).")
+    ] = None,
+    rules: Annotated[
+        Path | None, typer.Option(help="Selection rules JSON (SelectionRules fields).")
+    ] = None,
+    build: Annotated[bool, typer.Option(help="Build and validate the volumes too.")] = True,
+    spacing: Annotated[
+        str, typer.Option(help="Target spacing x,y,z mm, or 'native'.")
+    ] = "1,1,1.25",
+    fill_gaps: Annotated[
+        bool, typer.Option(help="Interpolate missing slices instead of quarantining.")
+    ] = False,
+    salt: Annotated[
+        str | None, typer.Option(help="De-identification salt (default $VIGIL_DEID_SALT).")
+    ] = None,
+) -> None:
+    """Index a PACS export, select series by rule, build HU volumes; list what was quarantined."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.settings import get_settings
+
+    out = out or get_settings().home / "scans" / (folder.resolve().name or "export")
+    res = scan_export(
+        folder,
+        out,
+        rules_path=rules,
+        build=build,
+        spacing=_spacing(spacing),
+        fill_gaps=fill_gaps,
+        salt=salt,
+    )
+    console = Console()
+    table = Table(title=f"vigil medical scan {folder}")
+    for col in ("study", "series", "selected (rank: description)", "volumes"):
+        table.add_column(col)
+    for s in res["studies"]:
+        chosen = [d for d in s["selection"] if d["selected"]]
+        desc = {x["series_key"]: x["description"] for x in s["series"]}
+        table.add_row(
+            s["study_key"],
+            str(len(s["series"])),
+            "; ".join(f"#{d['rank']}: {desc.get(d['series_key'], '')}" for d in chosen) or "-",
+            ", ".join("x".join(map(str, v["shape"])) for v in s["volumes"]) or "-",
+        )
+    console.print(table)
+    summ = res["summary"]
+    console.print(
+        f"{summ['files']} files, {summ['studies']} studies, {summ['volumes']} volumes; "
+        f"issues {summ['issues'] or 'none'}"
+    )
+    if summ["reasons"]:
+        console.print(
+            "reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(summ["reasons"].items()))
+        )
+    console.print(f"index: {res['index']}\nquarantine report: {res['quarantine']}")
+
+
+# --------------------------------------------------------------------------- demo
+def demo_step(ctx: DemoContext) -> dict[str, Any]:
+    """Synthesise a few studies plus the edge cases, scan them, log the summary to MLflow."""
+    from apps.medical import phantom
+    from core import tracking
+
+    work = ctx.workdir / "medical"
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    n = 2 if ctx.quick else 3
+    cfg = phantom.PhantomConfig(
+        matrix=96 if ctx.quick else 128,
+        fov_mm=340.0,
+        slice_mm=2.5,
+        n_slices=48 if ctx.quick else 96,
+        min_nodules=1,
+        second_recon=1.0,
+    )
+    truths = phantom.write_export(work / "export", n, seed=7, cfg=cfg)
+    phantom.write_edge_cases(work / "export" / "pacs" / "edge_cases", seed=7)
+    res = scan_export(
+        work / "export" / "pacs", work / "scan", spacing=(1.5, 1.5, 2.5), progress=False
+    )
+    summ = res["summary"]
+    selected = sum(1 for s in res["studies"] for d in s["selection"] if d["selected"])
+    quarantined = summ["issues"].get("quarantined", 0)
+    with tracking.start_run(app="medical", run_name="pacs-scan") as run:
+        tracking.log_params({"studies_synth": n, "edge_cases": len(phantom.EDGE_CASES)})
+        tracking.log_metrics(
+            {
+                "files": summ["files"],
+                "studies": summ["studies"],
+                "volumes": summ["volumes"],
+                "series_selected": selected,
+                "quarantined": quarantined,
+                "skipped": summ["issues"].get("skipped", 0),
+                "warnings": summ["issues"].get("warning", 0),
+            }
+        )
+        tracking.log_artifact(res["quarantine"])  # de-identified: keys and scrubbed paths only
+        run_id = run.info.run_id
+    return {
+        "studies": summ["studies"],
+        "nodules": sum(len(t["nodules"]) for t in truths),
+        "series_selected": selected,
+        "volumes": summ["volumes"],
+        "quarantined": quarantined,
+        "mlflow_run": run_id,
+    }

@@ -968,6 +968,37 @@ def _rescale(stack: _Stack, stored: list[np.ndarray]) -> tuple[np.ndarray, list[
     return out, warnings
 
 
+def _is_diagonal(affine: np.ndarray, tol: float = 1e-6) -> bool:
+    lin = affine[:3, :3]
+    return bool(np.all(np.abs(lin - np.diag(np.diag(lin))) < tol) and np.all(np.diag(lin) > 0))
+
+
+def _separable_resample(
+    data: np.ndarray, src: np.ndarray, dst: np.ndarray, shape: tuple[int, ...]
+) -> np.ndarray:
+    """Trilinear resampling between two diagonal grids, zero outside (as grid_sample pads)."""
+    out = np.asarray(data, dtype=np.float32)
+    for axis in range(3):
+        n = out.shape[axis]
+        # source index of every output voxel centre along this axis, +1 for the zero pad
+        o = np.arange(shape[axis], dtype=np.float64)
+        x = (dst[axis, axis] * o + dst[axis, 3] - src[axis, 3]) / src[axis, axis] + 1.0
+        i0 = np.floor(x).astype(np.int64)
+        w = (x - i0).astype(np.float32)
+        low, high = i0 < 0, i0 > n
+        i0 = np.clip(i0, 0, n)
+        w[low], w[high] = 0.0, 1.0
+        pad = [(0, 0)] * 3
+        pad[axis] = (1, 1)
+        padded = np.pad(out, pad)  # (.., n + 2, ..) with zeros at both ends
+        a = np.take(padded, i0, axis=axis)
+        b = np.take(padded, i0 + 1, axis=axis)
+        shp = [1, 1, 1]
+        shp[axis] = -1
+        out = a + (b - a) * w.reshape(shp)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 def build_volume(
     series: Series,
     study_key: str,
@@ -1036,9 +1067,21 @@ def build_volume(
             if spacing is not None
             else (ps_col, ps_row, float(np.linalg.norm(step_vec)))
         )
-        img = Spacing(
+        resample = Spacing(
             pixdim=pixdim, diagonal=True, mode="bilinear", padding_mode="zeros", dtype=np.float32
-        )(img)
+        )
+        src_affine = np.asarray(img.affine, dtype=float)
+        if _is_diagonal(src_affine):
+            # MONAI plans the output grid (lazy: nothing is computed); a diagonal-to-diagonal
+            # resampling is separable, so three 1D linear passes give the grid_sample result
+            # (same zero padding) several times faster.
+            planned = resample(img, lazy=True)
+            out_affine = np.asarray(planned.peek_pending_affine(), dtype=float)
+            out_shape = tuple(int(v) for v in planned.peek_pending_shape())
+            arr3 = _separable_resample(img.array[0], src_affine, out_affine, out_shape)
+            img = MetaTensor(torch.from_numpy(arr3)[None], affine=torch.as_tensor(out_affine))
+        else:
+            img = resample(img)
     arr = img.array[0].astype(np.float32) - 1024.0
     affine = np.asarray(img.affine, dtype=float)
     meta = {
@@ -1061,12 +1104,14 @@ def load_study_volumes(
     *,
     result: ScanResult | None = None,
     fill_gaps: bool = False,
+    selection: StudySelection | None = None,
 ) -> list[CTVolume]:
     """Volumes of **all** selected series of ``study`` (ranked); broken series are quarantined.
 
-    Issues (selection, quarantine, repairs) go to ``result`` when it is given.
+    Issues (selection, quarantine, repairs) go to ``result`` when it is given; pass
+    ``selection`` to reuse decisions already made by :func:`select_series`.
     """
-    sel = select_series(study, rules, result=result)
+    sel = selection or select_series(study, rules, result=result)
     volumes = []
     for rank, series in enumerate(sel.selected, 1):
         try:

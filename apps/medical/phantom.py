@@ -20,6 +20,7 @@ adds the broken and unusual inputs real exports contain, each with the reason in
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from collections.abc import Callable, Sequence
@@ -424,13 +425,17 @@ def render_chest(
     heart = ((x - hx) / ha) ** 2 + ((y - hy) / hb) ** 2 + ((z - hz) / hc) ** 2 <= 1.0
     hu[heart] = _HU_BLOOD
     s = an.a / 150.0
-    desc = np.array([0.16 * an.a, an.yc + 0.42 * an.b, 0.0])
-    asc = np.array([0.03 * an.a, an.yc - 0.2 * an.b, 0.0])
+    desc = np.array([0.16 * an.a, an.yc + 0.42 * an.b])  # (x, y) of the descending aorta
+    asc = np.array([0.03 * an.a, an.yc - 0.2 * an.b])
+
+    def at(xy: np.ndarray, z: float) -> np.ndarray:
+        return np.array([xy[0], xy[1], z])
+
     z_arch = an.z_apex - 0.25 * an.height
     bottom = an.z_top - abs(geom.step[2]) * geom.shape[0] - 20
-    cv.capsule([*desc, 0, 0, z_arch], [*desc, 0, 0, bottom], 11 * s, _HU_BLOOD)
-    cv.capsule([*asc, 0, 0, z_arch], [*asc, 0, 0, hz], 13 * s, _HU_BLOOD)
-    cv.capsule([*asc, 0, 0, z_arch], [*desc, 0, 0, z_arch], 11 * s, _HU_BLOOD)
+    cv.capsule(at(desc, z_arch), at(desc, bottom), 11 * s, _HU_BLOOD)
+    cv.capsule(at(asc, z_arch), at(asc, hz), 13 * s, _HU_BLOOD)
+    cv.capsule(at(asc, z_arch), at(desc, z_arch), 11 * s, _HU_BLOOD)
     # spine: vertebral bodies (cortical shell, cancellous core), discs, canal
     vb = np.array([0.0, an.yc + 0.62 * an.b])
     rv = 17 * s
@@ -1086,7 +1091,13 @@ def encode(ds: Dataset, syntax: str) -> None:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
         return
     target = {"jpeg2000": JPEG2000Lossless, "jpegls": JPEGLSLossless, "rle": RLELossless}[syntax]
-    ds.compress(target)
+    quiet = logging.getLogger("openjpeg")  # the encoder logs every tile at INFO
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        ds.compress(target)
+    finally:
+        quiet.setLevel(level)
 
 
 # ================================================================== a whole study
