@@ -131,5 +131,5 @@ def test_bad_arguments() -> None:
         dynamic_int8(_mlp(), backend="ort")
     with pytest.raises(ValueError, match="min_cosine"):
         dynamic_int8(_mlp(), min_cosine=1.5)
-    with pytest.raises(ValueError, match="nn.Module"):
+    with pytest.raises(ValueError, match=r"nn\.Module"):
         dynamic_int8(lambda x: x)  # type: ignore[arg-type]

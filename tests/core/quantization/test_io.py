@@ -112,6 +112,6 @@ def test_bad_arguments(tmp_path: Path) -> None:
         load_compressed(tmp_path / "missing.vqz")
     with pytest.raises(ValueError, match="JSON-serialisable"):
         save_compressed(nn.Linear(2, 2), tmp_path / "x.vqz", metadata={"f": object()})
-    with pytest.raises(ValueError, match="nn.Module"):
+    with pytest.raises(ValueError, match=r"nn\.Module"):
         save_compressed({"w": torch.ones(1)}, tmp_path / "x.vqz")  # type: ignore[arg-type]
     assert not list(tmp_path.iterdir())  # nothing half-written

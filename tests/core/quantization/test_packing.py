@@ -107,5 +107,5 @@ def test_bad_inputs_are_refused() -> None:
         quantize(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="4-bit range"):
         pack_int4(torch.tensor([[16]], dtype=torch.uint8))
-    with pytest.raises(ValueError, match="range of torch.float16"):
+    with pytest.raises(ValueError, match=r"range of torch\.float16"):
         quantize(torch.tensor([[-1e9, 1e9]]), symmetric=False)

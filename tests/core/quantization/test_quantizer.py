@@ -13,8 +13,8 @@ from core.quantization import (
     QuantConv,
     QuantEmbedding,
     QuantizationReport,
-    QuantLinear,
     Quantizer,
+    QuantLinear,
     decompress,
     quantize,
 )
