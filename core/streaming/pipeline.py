@@ -108,9 +108,11 @@ class FeaturePipeline:
             for (by, field, span, delay), outs in outputs.items()
         ]
         self._template: dict[str, float] = dict.fromkeys(names, math.nan)
+        self._single = self._groups[0] if len(self._groups) == 1 else None
         self.watermark = -math.inf  # newest event time seen
-        self.n_transformed = 0
-        self.n_learned = 0
+        self.n_transformed = 0  # by transform_one
+        self.n_learned = 0  # by learn_one
+        self.n_processed = 0  # by process_one (both)
 
     @property
     def feature_names(self) -> list[str]:
@@ -166,18 +168,18 @@ class FeaturePipeline:
 
     def process_one(self, event: dict[str, Any]) -> dict[str, float]:
         """``transform_one`` then ``learn_one`` in one pass (the hot path)."""
-        t = self._time(event)
+        try:
+            t = event[self.time_field]
+        except (KeyError, TypeError):
+            t = self._time(event)  # raises the helpful error
+        if t.__class__ is not float or t - t != 0.0:
+            t = to_seconds(t)
         out = self._template.copy()
-        groups = self._groups
-        if len(groups) == 1:
-            g = groups[0]
-            r = g.prepare(event, t)
-            if r is not None:
-                st, x = r
-                g.query(st, x, t, out)
-                if x is not None:
-                    g.insert(st, (t, x))
+        single = self._single
+        if single is not None:
+            single.process(event, t, out)  # validates before it changes anything
         else:
+            groups = self._groups
             ready = [g.prepare(event, t) for g in groups]  # validate all before any change
             for g, r in zip(groups, ready, strict=True):
                 if r is not None:
@@ -187,8 +189,7 @@ class FeaturePipeline:
                         g.insert(st, (t, x))
         if t > self.watermark:
             self.watermark = t
-        self.n_transformed += 1
-        self.n_learned += 1
+        self.n_processed += 1
         return out
 
     # ------------------------------------------------------------------ housekeeping
@@ -213,8 +214,8 @@ class FeaturePipeline:
         group_of = {name: id(g) for g in self._groups for name, _ in g.outputs}
         windows = {s.name: dict(per_group[group_of[s.name]]) for s in self.specs}
         return {
-            "events_transformed": self.n_transformed,
-            "events_learned": self.n_learned,
+            "events_transformed": self.n_transformed + self.n_processed,
+            "events_learned": self.n_learned + self.n_processed,
             "watermark": self.watermark,
             "keys_held": sum(len(g.states) for g in self._groups),
             "items_held": sum(v["items"] for v in per_group.values()),
@@ -256,7 +257,9 @@ class FeaturePipeline:
         payload = {
             "signature": self._signature(),
             "full": keys is None,
-            "counters": [self.n_transformed, self.n_learned] if keys is None else None,
+            "counters": [self.n_transformed + self.n_processed, self.n_learned + self.n_processed]
+            if keys is None
+            else None,
             "watermark": self.watermark,
             "groups": groups,
         }

@@ -13,11 +13,12 @@ than ``u``; each item is added once and removed once, so the cost is O(1) amorti
 Running aggregates:
 
 * count = ``b - a``; last / last_gap read ``dq[b - 1]``.
-* sum / mean: a compensated running sum of ``x`` (TwoSum: each add/remove is error-free up to
-  the final rounding, so an outlier that leaves the window leaves no residue).
-* var / std: compensated running sums of ``d = x - K`` and ``d * d``; the shift ``K`` is a
-  window value, re-anchored when the window empties or when ``S2 - S1^2/n`` would cancel
-  more than ~4 of 16 digits. Removal subtracts exactly the terms that were added.
+* var / std: compensated running sums ``S1``, ``S2`` of ``d = x - K`` and ``d * d`` (TwoSum:
+  every add/remove is error-free up to one final rounding, so an outlier that leaves the
+  window leaves no residue). The shift ``K`` is a window value, re-anchored when the window
+  empties or when ``S2 - S1^2/n`` would cancel more than ~4 of 16 digits.
+* sum / mean: a compensated running sum of ``x`` (not ``n*K + S1``: that would cost up to an
+  ulp of ``K`` when values cancel, e.g. +1e8 and -1e8 in one window).
 * min / max: monotonic deques of items (values increasing / decreasing, times increasing).
 * distinct / entropy / seen: counts per value and a running ``sum(c * log(c))``.
 """
@@ -224,6 +225,54 @@ class WindowGroup:
             for name, _ in self.outputs:
                 out[name] = NAN
 
+    def process(self, event: dict[str, Any], t: float, out: dict[str, float]) -> None:
+        """:meth:`prepare`, :meth:`query` and :meth:`insert` fused: the one-group hot path."""
+        key = event.get(self.by)
+        if key is None:
+            return
+        x = event.get(self.field)
+        if x is not None:
+            if self.numeric:
+                if x.__class__ is not float or x - x != 0.0:
+                    x = _to_number(x, self.field)
+            elif x.__class__ is not str and x.__class__ is not int:
+                x = _to_category(x, self.field)
+        try:
+            st = self.states.get(key)
+        except TypeError:
+            raise ValueError(
+                f"key field {self.by!r} must be hashable, got {type(key).__name__}"
+            ) from None
+        u = t - self.delay
+        if st is None:
+            if self.raise_late and u < self.floor - self.lateness:
+                self._reject(key, t, self.floor)
+            st = self.states[key] = KeyState(self.floor, self.want_min, self.want_max, self.cat)
+        f = st.f
+        dq = st.dq
+        if u >= f:
+            if dq:
+                self.advance(st, u)
+            st.f = u
+            self.emit(st, t, x, out)
+            if x is not None:
+                if not dq or dq[-1][0] <= t:
+                    dq.append((t, x))
+                else:
+                    self.insert(st, (t, x))
+            return
+        if u >= f - self.lateness:
+            self.late_queries += 1
+            self.emit_exact(st, u, t, x, out)
+        elif self.raise_late:
+            self._reject(key, t, f)
+        else:
+            self.late_rejected += 1
+            for name, _ in self.outputs:
+                out[name] = NAN
+        if x is not None:
+            self.insert(st, (t, x))
+
     def advance(self, st: KeyState, u: float) -> None:
         """Move the window of ``st`` to ``[u - span, u)`` (``u >= st.f``)."""
         dq = st.dq
@@ -245,11 +294,10 @@ class WindowGroup:
                 break
             a += 1
             x = it[1]
-            if m1:
-                y = -x
-                s = s0 + y
+            if m1:  # TwoSum of s0 - x
+                s = s0 - x
                 bp = s - s0
-                c0 += (s0 - (s - bp)) + (y - bp)
+                c0 += (s0 - (s - bp)) - (x + bp)
                 s0 = s
             if m2:
                 y = K - x  # = -(x - K) exactly: rounding is symmetric
@@ -320,7 +368,8 @@ class WindowGroup:
                 mn.append(it)
         if m1 or m2:
             st.m = (s0, c0, K, s1, c1, s2, c2)
-        st.ent = ent
+        if cat:
+            st.ent = ent
         if mx is not None:
             while mx and mx[0][0] < lo:
                 mx.popleft()
@@ -340,15 +389,17 @@ class WindowGroup:
         """Write the features of the current window of ``st`` (query time ``t``) into ``out``."""
         n = st.b - st.a
         mean = var = NAN
+        total = 0.0
         if n:
             s0, c0, _, s1, c1, s2, c2 = st.m
-            mean = (s0 + c0) / n
+            total = s0 + c0
+            mean = total / n
             if self.m2 and n > 1:
                 S1 = s1 + c1
                 S2 = s2 + c2
                 ss = S2 - S1 * S1 / n
                 if ss < _CANCEL * S2:
-                    # cancellation (or an exact constant window); re-anchor unless exact already
+                    # cancellation (or an exact constant window): re-anchor unless exact
                     if S2 > 0.0:
                         _, _, _, s1, c1, s2, c2 = self._reanchor(st)
                         S1 = s1 + c1
@@ -363,7 +414,7 @@ class WindowGroup:
             elif code == STD:
                 out[name] = _sqrt(var) if var == var else NAN
             elif code == SUM:
-                out[name] = st.m[0] + st.m[1]
+                out[name] = total
             elif code == VAR:
                 out[name] = var
             elif code == MIN:

@@ -1,0 +1,217 @@
+"""``vigil bench streaming``: Vigil windows vs river ``Agg`` + ``TimeRolling`` on the same stream.
+
+One synthetic stream (fixed seed) per occupancy: ``keys`` cards, each with ~``occupancy``
+events inside the 1 h window at steady state. Both sides compute, for every event, the mean
+and the standard deviation of the card's amounts over the last hour *before* the event
+(transform, then learn), in the same process, one thread:
+
+* Vigil: ``FeaturePipeline([mean 1h, std 1h]).process_one(event)``;
+* river: ``Agg(on, by, how=TimeRolling(stats.Mean | stats.Var, period))``: ``transform_one``
+  of both, then ``learn_one`` of both (std = sqrt(var)).
+
+Both first warm up on ``keys * occupancy`` events (windows full), then are timed on the
+events that follow in chunks, alternating Vigil and river, so load from other processes hits
+both alike; river, O(window) per update, is timed on a prefix of the same events. Throughput
+is events per CPU second of this process. Peak memory: ``tracemalloc`` while one key's window
+fills up and turns over (separate, untimed pass).
+
+Window semantics differ slightly (river: ``(t_prev - period, t_prev]`` as of its last update;
+Vigil: ``[t - period, t)``), the work per event is the same.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import math
+import random
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+PERIOD_S = 3600.0
+SEED = 7
+CHUNK = 1000
+
+
+def make_stream(keys: int, occupancy: int, n: int, seed: int = SEED) -> list[dict[str, Any]]:
+    """``n`` card events, Poisson arrivals, ~``occupancy`` per card inside one period."""
+    rng = random.Random(seed)
+    rate = keys * occupancy / PERIOD_S  # events per second over all cards
+    t = 1_700_000_000.0
+    names = [f"card{i:05d}" for i in range(keys)]
+    out = []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        amount = round(rng.lognormvariate(3.5, 1.0), 2)
+        out.append({"ts": t, "card_id": names[rng.randrange(keys)], "amount": amount})
+    return out
+
+
+def _vigil() -> tuple[Any, Callable[[dict[str, Any]], Any]]:
+    from core.streaming import FeaturePipeline, Window
+
+    pipe = FeaturePipeline(
+        [
+            Window("amount", by="card_id", agg="mean", span=PERIOD_S, name="mean"),
+            Window("amount", by="card_id", agg="std", span=PERIOD_S, name="std"),
+        ]
+    )
+    return pipe, pipe.process_one
+
+
+def _river() -> tuple[Any, Callable[[tuple[dict[str, Any], dt.datetime]], Any]]:
+    from river import feature_extraction, stats, utils
+
+    period = dt.timedelta(seconds=PERIOD_S)
+    mean = feature_extraction.Agg(
+        on="amount", by="card_id", how=utils.TimeRolling(stats.Mean, period=period)
+    )
+    var = feature_extraction.Agg(
+        on="amount", by="card_id", how=utils.TimeRolling(stats.Var, period=period)
+    )
+    mean_name, var_name = str(mean), str(var)
+
+    def step(row: tuple[dict[str, Any], dt.datetime]) -> dict[str, float]:
+        x, t = row
+        m = mean.transform_one(x)[mean_name]
+        v = var.transform_one(x)[var_name]
+        mean.learn_one(x, t=t)
+        var.learn_one(x, t=t)
+        return {"mean": m, "std": math.sqrt(v) if v > 0 else 0.0}
+
+    return (mean, var), step
+
+
+def _river_rows(events: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dt.datetime]]:
+    # river's TimeRolling compares naive datetimes; converted before timing
+    epoch = dt.datetime(1970, 1, 1)
+    return [(e, epoch + dt.timedelta(seconds=e["ts"])) for e in events]
+
+
+def _timed(step: Callable[[Any], Any], items: list[Any]) -> float:
+    clock = time.process_time
+    t0 = clock()
+    for it in items:
+        step(it)
+    return clock() - t0
+
+
+def throughput(
+    keys: int, occupancy: int, timed_vigil: int, timed_river: int
+) -> dict[str, float | int]:
+    """Events/s of Vigil and river on one stream, after both windows are full."""
+    warm = keys * occupancy
+    events = make_stream(keys, occupancy, warm + timed_vigil)
+    rows = _river_rows(events)
+    _, vigil = _vigil()
+    _, river = _river()
+    for e, r in zip(events[:warm], rows[:warm], strict=True):
+        vigil(e)
+        river(r)
+    gc.collect()
+    v_time = r_time = 0.0
+    v_n = r_n = 0
+    for start in range(warm, len(events), CHUNK):
+        chunk = events[start : start + CHUNK]
+        v_time += _timed(vigil, chunk)
+        v_n += len(chunk)
+        if r_n < timed_river:
+            rchunk = rows[start : start + min(CHUNK, timed_river - r_n)]
+            r_time += _timed(river, rchunk)
+            r_n += len(rchunk)
+    vigil_eps, river_eps = v_n / v_time, r_n / r_time
+    return {
+        "keys": keys,
+        "events_timed_vigil": v_n,
+        "events_timed_river": r_n,
+        "vigil_eps": round(vigil_eps),
+        "river_eps": round(river_eps),
+        "ratio": round(vigil_eps / river_eps, 2),
+    }
+
+
+def peak_memory(occupancy: int) -> dict[str, int]:
+    """tracemalloc peak (bytes) while one key's window fills and turns over (1.2 windows)."""
+    events = make_stream(1, occupancy, int(occupancy * 1.2), seed=SEED + 1)
+    rows = _river_rows(events)
+    out = {}
+    for name, make, items in (("vigil", _vigil, events), ("river", _river, rows)):
+        gc.collect()
+        tracemalloc.start()
+        state, step = make()
+        for it in items:
+            step(it)
+        out[f"{name}_peak_bytes"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        del state, step
+    out["vigil_bytes_per_event_held"] = round(out["vigil_peak_bytes"] / occupancy)
+    return out
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Throughput and memory at 100 / 1k / 10k events per key-window (quick: 100 / 1k, small)."""
+    torch = sys.modules.get("torch")  # pure Python anyway; pin torch too if it is loaded
+    threads = torch.get_num_threads() if torch is not None else 0
+    if torch is not None:
+        torch.set_num_threads(1)
+    try:
+        return _run(quick)
+    finally:
+        if torch is not None:
+            torch.set_num_threads(threads)
+
+
+def _run(quick: bool) -> dict[str, Any]:
+    if quick:
+        plan = {100: (2, 2_000, 2_000), 1000: (2, 2_000, 500)}
+    else:
+        # (keys, events timed for Vigil, events timed for river)
+        plan = {100: (4, 200_000, 40_000), 1000: (4, 200_000, 20_000), 10_000: (4, 200_000, 6_000)}
+    results: dict[str, Any] = {"occupancy": {}}
+    for occ, (keys, tv, tr) in plan.items():
+        row = throughput(keys, occ, tv, tr)
+        row.update(peak_memory(occ))
+        results["occupancy"][str(occ)] = row
+    # many keys (cache misses): 1000 cards at 100 events per window
+    mk = (20, 1_000, 1_000) if quick else (1000, 100_000, 20_000)
+    results["many_keys"] = throughput(mk[0], 100, mk[1], mk[2])
+    results["setup"] = {
+        "features": "mean + std of amount per card over the last hour, before each event",
+        "clock": "process CPU time, one thread",
+        "seed": SEED,
+        "period_s": PERIOD_S,
+    }
+    occ = results["occupancy"]
+
+    def target(goal: str, value: float | None, met: bool) -> dict[str, Any]:
+        return {"goal": goal, "value": value, "met": bool(met) if value is not None else False}
+
+    eps = [r["vigil_eps"] for r in occ.values()]
+    lo_eps = min(eps)
+    r1k = occ.get("1000", {}).get("ratio")
+    r10k = occ.get("10000", {}).get("ratio")
+    flat = (
+        round(abs(occ["10000"]["vigil_eps"] / occ["100"]["vigil_eps"] - 1.0), 3)
+        if "10000" in occ
+        else None
+    )
+    results["targets"] = {
+        "mean_std_eps": target("≥ 200k events/s (mean+std, one core)", lo_eps, lo_eps >= 200_000),
+        "vs_river_1k": target(
+            "≥ 5× river at 1k events/key-window", r1k, r1k is not None and r1k >= 5
+        ),
+        "vs_river_10k": target(
+            "≥ 15× river at 10k events/key-window", r10k, r10k is not None and r10k >= 15
+        ),
+        "flat_100_to_10k": target(
+            "≤ 20% throughput change 100 → 10k events/key-window",
+            flat,
+            flat is not None and flat <= 0.2,
+        ),
+    }
+    if quick:
+        results["note"] = "quick run: small streams, no 10k occupancy; see the full run"
+    return results
