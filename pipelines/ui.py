@@ -47,6 +47,8 @@ def streamlit_command(port: int, host: str, headless: bool) -> list[str]:
         # Outputs change, code does not: no file watcher threads polling the tree.
         "--server.fileWatcherType",
         "none",
+        "--client.toolbarMode",
+        "viewer",
         "--server.maxUploadSize",
         "25",
     ]

@@ -35,7 +35,7 @@ def champions_by_app(models: pd.DataFrame) -> pd.DataFrame:
                     "app": app,
                     "champion": "none yet",
                     "models": ", ".join(mine["model"]) if not mine.empty else "-",
-                    "how": f"`{data.HINTS['demo']}` or `{data.HINTS[app]}`",
+                    "how": f"{data.HINTS['demo']} or {data.HINTS[app]}",
                 }
             )
         else:

@@ -119,15 +119,16 @@ def _report(study: data.StudyOutput) -> None:
         p = files.get(kind)
         if p is None:
             col.button(
-                f"{label} —",
+                label,
                 disabled=True,
                 key=f"med_dl_none_{kind}",
                 help="not written for this study",
             )
         else:
             col.download_button(
-                f"Download {label}",
+                label,
                 p.read_bytes(),
+                icon=":material/download:",
                 file_name=p.name,
                 mime=_MIME[kind],
                 key=f"med_dl_{kind}",

@@ -51,9 +51,14 @@ def render() -> None:
     metric_cols = [c for c in runs.columns if c.startswith("metrics.")]
     st.dataframe(runs[cols + metric_cols], hide_index=True, width="stretch", key="runs_table")
 
-    labels = [f"{lab} ({rid[:8]})" for lab, rid in zip(runs["label"], runs["run_id"], strict=True)]
-    pick = st.selectbox("Run", range(len(labels)), format_func=labels.__getitem__, key="runs_run")
-    run = runs.iloc[int(pick)]
+    labels = {
+        rid: f"{lab} ({rid[:8]})" for lab, rid in zip(runs["label"], runs["run_id"], strict=True)
+    }
+    # keyed by experiment: a kept selection from another experiment would show a stale label
+    pick = st.selectbox(
+        "Run", list(labels), format_func=labels.__getitem__, key=f"runs_run_{exp_id}"
+    )
+    run = runs[runs["run_id"] == pick].iloc[0]
     keys = tuple(c.removeprefix("metrics.") for c in metric_cols if pd.notna(run[c]))
     if not keys:
         st.caption("This run logged no metrics.")

@@ -33,7 +33,7 @@ def test_studies_slices_report_and_downloads(ui_home: Path) -> None:
     at.slider(key="med_slice").set_value(0).run()  # far from the nodule: no marker
     assert "0 marker" in at.image[0].captions[0]
     labels = {b.label for b in at.get("download_button")}
-    assert {"Download JSON", "Download PDF", "Download DICOM SR"} <= labels
+    assert {"JSON", "PDF", "DICOM SR", "HTML"} == labels
     assert any("Solid nodule 8 mm" in h.proto.body for h in at.html)
 
     # status filter hides the failed study
