@@ -1,0 +1,268 @@
+"""PACS batch job: scan an export, then ingestion -> model -> report for every study.
+
+* **Resumable**: ``OUT/manifest.json`` records each study (de-identified key) with its status,
+  a fingerprint of its instances and its outputs. A re-run skips studies already ``done`` or
+  ``quarantined`` with the same fingerprint (``retry_failed=True`` retries quarantined ones); a
+  study whose instances changed is processed again. The manifest is rewritten atomically after
+  every study, so an interrupted run loses at most the studies in flight.
+* **Quarantine**: a study that cannot be analysed gets ``OUT/quarantine/<key>.json`` with the
+  reason and the ingestion issues; file-level problems of the scan go to
+  ``OUT/quarantine/scan_issues.jsonl``. One bad study never stops the batch.
+* **Parallel**: ``workers`` processes (each loads the model once); progress bar; one MLflow run
+  with counts, timings and failure reasons (keys and counts only, never identity).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apps.medical.pacs import Study
+    from apps.medical.service import MedicalService
+
+log = logging.getLogger(__name__)
+MANIFEST_SCHEMA = "vigil.medical.batch-manifest/1"
+
+_SERVICE: MedicalService | None = None  # per worker process
+
+
+@dataclass
+class BatchResult:
+    """What one batch run did."""
+
+    out_dir: Path
+    processed: int = 0
+    done: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)  # study key -> reason
+    run_id: str | None = None
+
+    @property
+    def studies_per_min(self) -> float:
+        return 60.0 * self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "processed": self.processed,
+            "done": self.done,
+            "quarantined": self.quarantined,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 2),
+            "studies_per_min": round(self.studies_per_min, 2),
+            "failures": self.failures,
+            "run_id": self.run_id,
+            "out_dir": str(self.out_dir),
+        }
+
+
+def fingerprint(study: Study) -> str:
+    """Hash of the study's instances (SOP UIDs and frame counts): changes when files change."""
+    h = hashlib.sha256()
+    for s in sorted(study.series.values(), key=lambda s: s.uid):
+        h.update(s.uid.encode())
+        for f in s.frames:
+            h.update(f"{f.sop_uid}/{f.frame}".encode())
+        h.update(str(len(s.non_image)).encode())
+    return h.hexdigest()[:16]
+
+
+def load_manifest(out_dir: Path) -> dict[str, Any]:
+    p = Path(out_dir) / "manifest.json"
+    if p.exists():
+        m = json.loads(p.read_text())
+        if m.get("schema") == MANIFEST_SCHEMA:
+            return m
+    return {"schema": MANIFEST_SCHEMA, "studies": {}}
+
+
+def _save_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    p = Path(out_dir) / "manifest.json"
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, p)  # atomic: a crash leaves the old or the new manifest, never half of one
+
+
+def _init_worker(model_source: str | None, threads: int, service_kw: dict[str, Any]) -> None:
+    import torch
+
+    from apps.medical.service import MedicalService
+
+    global _SERVICE
+    torch.set_num_threads(max(1, threads))
+    _SERVICE = MedicalService.load(model_source, **service_kw)
+
+
+def _process(study: Study, root: str, out_dir: str, use_text: bool) -> dict[str, Any]:
+    """Analyse one study and write its outputs (runs in a worker); never raises."""
+    from apps.medical.deid import Deidentifier
+    from apps.medical.pacs import ScanResult
+    from apps.medical.report import write_all
+    from apps.medical.service import StudyError
+
+    assert _SERVICE is not None, "worker not initialised"
+    t0 = time.perf_counter()
+    deid = Deidentifier()
+    scan = ScanResult(Path(root), {study.uid: study}, [], 0, 0, deid)
+    rec: dict[str, Any] = {"study_key": study.key}
+    try:
+        rep = _SERVICE.analyze_study(study, scan, use_text=use_text)
+        paths = write_all(rep, Path(out_dir) / "studies" / study.key, deid, study.identity)
+        rec.update(
+            status="done",
+            outputs=sorted(str(p.relative_to(out_dir)) for p in paths.values()),
+            n_findings=len(rep.findings),
+            lung_rads=rep.lung_rads.category,
+            follow_up=rep.follow_up.code,
+        )
+    except StudyError as exc:
+        rec.update(
+            status="quarantined",
+            reason=exc.reason,
+            detail=deid.scrub_text(exc.detail, study.identity),
+        )
+    except Exception as exc:  # last line of defence: one study never stops the batch
+        log.exception("study %s failed", study.key)
+        detail = deid.scrub_text(f"{type(exc).__name__}: {str(exc)[:300]}", study.identity)
+        rec.update(status="quarantined", reason="error", detail=detail)
+    rec["issues"] = [
+        {"level": i.level, "reason": i.reason, "series_key": i.series_key, "detail": i.detail}
+        for i in scan.issues
+    ]
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def run_batch(
+    pacs_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    workers: int = 1,
+    model: str | Path | None = None,
+    use_text: bool = True,
+    retry_failed: bool = False,
+    progress: bool = True,
+    log_mlflow: bool = True,
+    service_kw: dict[str, Any] | None = None,
+    on_study: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchResult:
+    """Process every study of ``pacs_dir`` into ``out_dir`` (see module docstring)."""
+    from tqdm import tqdm
+
+    from apps.medical.pacs import scan_folder
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    pacs_dir, out_dir = Path(pacs_dir), Path(out_dir)
+    if not pacs_dir.is_dir():
+        raise FileNotFoundError(f"{pacs_dir} is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "quarantine").mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    scan = scan_folder(pacs_dir)
+    scan.write_issues(out_dir / "quarantine" / "scan_issues.jsonl")
+    manifest = load_manifest(out_dir)
+    todo: list[tuple[Study, str]] = []
+    result = BatchResult(out_dir)
+    for study in scan.studies.values():
+        fp = fingerprint(study)
+        prev = manifest["studies"].get(study.key)
+        if prev and prev.get("fingerprint") == fp:
+            finished = prev["status"] == "done" and all(
+                (out_dir / o).exists() for o in prev.get("outputs", [])
+            )
+            if finished or (prev["status"] == "quarantined" and not retry_failed):
+                result.skipped += 1
+                continue
+        todo.append((study, fp))
+    service_kw = service_kw or {}
+    bar = tqdm(total=len(todo), desc="studies", unit="study", disable=not progress)
+
+    def record(rec: dict[str, Any], fp: str) -> None:
+        rec["fingerprint"] = fp
+        manifest["studies"][rec["study_key"]] = rec
+        _save_manifest(out_dir, manifest)
+        result.processed += 1
+        if rec["status"] == "done":
+            result.done += 1
+        else:
+            result.quarantined += 1
+            result.failures[rec["study_key"]] = rec["reason"]
+            (out_dir / "quarantine" / f"{rec['study_key']}.json").write_text(
+                json.dumps(rec, indent=1)
+            )
+        bar.update(1)
+        bar.set_postfix(done=result.done, quarantined=result.quarantined)
+        if on_study is not None:
+            on_study(rec)
+
+    if todo:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        if workers == 1:
+            _init_worker(str(model) if model is not None else None, threads, service_kw)
+            for study, fp in todo:
+                record(_process(study, str(pacs_dir), str(out_dir), use_text), fp)
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            ctx = mp.get_context("spawn")  # torch + fork is unsafe
+            with ProcessPoolExecutor(
+                workers,
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(str(model) if model is not None else None, threads, service_kw),
+            ) as pool:
+                futs = {
+                    pool.submit(_process, study, str(pacs_dir), str(out_dir), use_text): fp
+                    for study, fp in todo
+                }
+                for fut in as_completed(futs):
+                    record(fut.result(), futs[fut])
+    bar.close()
+    result.seconds = time.perf_counter() - t0
+    summary = result.summary()
+    summary["scan"] = scan.summary()
+    (out_dir / "batch_summary.json").write_text(json.dumps(summary, indent=1))
+    if log_mlflow:
+        result.run_id = _log_run(result, scan.summary(), workers, model, out_dir)
+    return result
+
+
+def _log_run(
+    result: BatchResult, scan: dict[str, Any], workers: int, model: Any, out_dir: Path
+) -> str:
+    from core import tracking
+
+    reasons = Counter(result.failures.values())
+    with tracking.start_run(
+        "medical",
+        run_name="batch",
+        params={"workers": workers, "model": str(model) if model else "champion"},
+    ) as run:
+        tracking.log_metrics(
+            {
+                "studies_processed": result.processed,
+                "studies_done": result.done,
+                "studies_quarantined": result.quarantined,
+                "studies_skipped": result.skipped,
+                "seconds": result.seconds,
+                "studies_per_min": result.studies_per_min,
+                "scan_files": scan.get("files", 0),
+                "scan_issues": sum(scan.get("issues", {}).values()),
+                **{f"failures_{k}": v for k, v in reasons.items()},
+            }
+        )
+        tracking.log_artifact(out_dir / "manifest.json")
+        tracking.log_artifact(out_dir / "batch_summary.json")
+        return str(run.info.run_id)

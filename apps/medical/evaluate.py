@@ -1,0 +1,215 @@
+"""Evaluation on phantom exports with ground truth: FROC / CPM, Lung-RADS and report fields.
+
+* **FROC** (LUNA16 protocol): candidates ranked by confidence over all scans; a candidate hits a
+  truth nodule when its centre lies within the nodule's radius (floored at ``min_hit_mm``, the
+  detector's cell size); several hits on one nodule count once; hits on nodules below
+  ``min_size_mm`` are ignored (neither TP nor FP). Sensitivity at 1/8 ... 8 FP/scan; CPM = mean.
+* **Lung-RADS accuracy**: exam category from the report vs the rules applied to the truth.
+* **Follow-up accuracy** with and without text (ablation): the Fleischner/Lung-RADS code from the
+  report vs the rules applied to truth nodules and truth risk.
+* **Field accuracy** on matched findings: type, lobe, size error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apps.medical import rules
+
+log = logging.getLogger(__name__)
+FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def froc(
+    scans: Sequence[tuple[Sequence[dict[str, Any]], Sequence[dict[str, Any]]]],
+    min_size_mm: float = 4.0,
+    min_hit_mm: float = 4.0,
+    fp_rates: Sequence[float] = FP_RATES,
+) -> dict[str, Any]:
+    """FROC over ``scans`` = [(candidates, truth nodules)] (both with ``center_mm``; candidates
+    with ``confidence``; truth with ``mean_diameter_mm``)."""
+    events: list[tuple[float, int, int]] = []  # (confidence, scan, target id or -1 FP / -2 ignore)
+    n_targets = 0
+    for s, (cands, truth) in enumerate(scans):
+        t_centres = np.array([t["center_mm"] for t in truth], dtype=float).reshape(-1, 3)
+        radii = np.array([max(t["mean_diameter_mm"] / 2, min_hit_mm) for t in truth])
+        relevant = np.array([t["mean_diameter_mm"] >= min_size_mm for t in truth], dtype=bool)
+        ids = np.cumsum(relevant) - 1 + n_targets
+        n_targets += int(relevant.sum())
+        for c in cands:
+            dist = (
+                np.linalg.norm(t_centres - np.asarray(c["center_mm"]), axis=1)
+                if len(truth)
+                else np.array([])
+            )
+            hit = np.flatnonzero(dist <= radii) if len(truth) else np.array([], dtype=int)
+            if len(hit) == 0:
+                events.append((float(c["confidence"]), s, -1))
+                continue
+            best = hit[np.argmin(dist[hit])]
+            events.append((float(c["confidence"]), s, int(ids[best]) if relevant[best] else -2))
+    events.sort(key=lambda e: -e[0])
+    n_scans = max(len(scans), 1)
+    found: set[int] = set()
+    fps = 0
+    curve: list[tuple[float, float, float]] = []  # (fp per scan, sensitivity, threshold)
+    for conf, _, tid in events:
+        if tid >= 0:
+            found.add(tid)
+        elif tid == -1:
+            fps += 1
+        curve.append((fps / n_scans, len(found) / max(n_targets, 1), conf))
+    sens = {}
+    for r in fp_rates:
+        ok = [c[1] for c in curve if c[0] <= r]
+        sens[str(r)] = round(max(ok), 4) if ok else 0.0
+    return {
+        "sensitivity_at_fp": sens,
+        "cpm": round(float(np.mean(list(sens.values()))), 4),
+        "n_targets": n_targets,
+        "n_scans": len(scans),
+        "max_sensitivity": round(curve[-1][1], 4) if curve else 0.0,
+        "curve": [
+            (round(a, 4), round(b, 4), round(c, 4))
+            for a, b, c in curve[:: max(1, len(curve) // 200)]
+        ],
+    }
+
+
+def truth_nodules(truth: dict[str, Any]) -> list[rules.Nodule]:
+    return [
+        rules.Nodule(
+            n["mean_diameter_mm"], n["type"], n.get("solid_component_mm"), bool(n.get("calcified"))
+        )
+        for n in truth.get("nodules", [])
+    ]
+
+
+def truth_risk(truth: dict[str, Any]) -> rules.Risk:
+    r = truth["risk"]
+    return rules.Risk(
+        age=r["age"],
+        smoking_status=r["smoking_status"],
+        pack_years=r["pack_years"],
+        known_malignancy=r["known_malignancy"],
+        malignancy=r.get("malignancy"),
+        family_history=r["family_history"],
+        symptoms=tuple(r.get("symptoms", [])),
+        indication=r["indication"],
+    )
+
+
+def _match(
+    findings: Sequence[dict[str, Any]], truth: Sequence[dict[str, Any]], min_hit_mm: float
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    pairs = []
+    used: set[int] = set()
+    for f in sorted(findings, key=lambda f: -f["confidence"]):
+        best, best_d = None, 1e9
+        for i, t in enumerate(truth):
+            d = float(np.linalg.norm(np.asarray(f["center_mm"]) - np.asarray(t["center_mm"])))
+            if i not in used and d <= max(t["mean_diameter_mm"] / 2, min_hit_mm) and d < best_d:
+                best, best_d = i, d
+        if best is not None:
+            used.add(best)
+            pairs.append((f, truth[best]))
+    return pairs
+
+
+def evaluate_export(
+    data_dir: Path | str,
+    service: Any,
+    min_size_mm: float = 4.0,
+    min_hit_mm: float = 4.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the service over every study of a phantom export with truth; return all metrics."""
+    from apps.medical.pacs import load_study_volumes, read_clinical_text, scan_folder
+    from apps.medical.phantom import load_truth
+
+    data_dir = Path(data_dir)
+    truths = load_truth(data_dir / "truth")
+    if not truths:
+        raise FileNotFoundError(f"no truth files under {data_dir / 'truth'}")
+    scan = scan_folder(data_dir / "pacs")
+    studies = [s for s in scan.studies.values() if s.uid in truths]
+    sp = service.model.spacing_mm
+    keep_threshold = service.threshold
+    scans, per_study = [], []
+    lr_ok = fu_text_ok = fu_img_ok = 0
+    matched: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    n_eval = 0
+    for n, study in enumerate(studies, 1):
+        truth = truths[study.uid]
+        vols = load_study_volumes(study, spacing=(sp, sp, sp))
+        if not vols:
+            log.warning("study %s: no volume", study.key)
+            continue
+        service.threshold = 0.02  # low threshold: the FROC sweeps every operating point
+        try:
+            cands, _ = service.detect(vols[0])
+        finally:
+            service.threshold = keep_threshold
+        scans.append((cands, truth["nodules"]))
+        found = [c for c in cands if c["confidence"] >= keep_threshold]
+        text = scan.deid.scrub_text(read_clinical_text(study), study.identity)
+        risk_t, _ = service.text_risk(text, True)
+        rep_t = service.report_from_findings(found, risk_t, study_key=study.key)
+        rep_i = service.report_from_findings(
+            found, rules.Risk(), study_key=study.key, use_text=False
+        )
+        t_nods, t_risk = truth_nodules(truth), truth_risk(truth)
+        lr_true = rules.lungrads(t_nods).category
+        fu_true = rules.fleischner(t_nods, t_risk).code
+        n_eval += 1
+        lr_ok += rep_t.lung_rads.category == lr_true
+        fu_text_ok += rep_t.follow_up.code == fu_true
+        fu_img_ok += rep_i.follow_up.code == fu_true
+        matched += _match(found, truth["nodules"], min_hit_mm)
+        per_study.append(
+            {
+                "study_key": study.key,
+                "n_truth": len(truth["nodules"]),
+                "n_found": len(found),
+                "lung_rads": rep_t.lung_rads.category,
+                "lung_rads_truth": lr_true,
+                "follow_up_text": rep_t.follow_up.code,
+                "follow_up_image_only": rep_i.follow_up.code,
+                "follow_up_truth": fu_true,
+            }
+        )
+        if progress is not None:
+            progress(n, len(studies))
+    fr = froc(scans, min_size_mm=min_size_mm, min_hit_mm=min_hit_mm)
+    k = max(n_eval, 1)
+    fields = {
+        "matched_findings": len(matched),
+        "type_accuracy": round(float(np.mean([f["type"] == t["type"] for f, t in matched])), 4)
+        if matched
+        else None,
+        "lobe_accuracy": round(float(np.mean([f["lobe"] == t["lobe"] for f, t in matched])), 4)
+        if matched
+        else None,
+        "size_mae_mm": round(
+            float(np.mean([abs(f["diameter_mm"] - t["mean_diameter_mm"]) for f, t in matched])), 3
+        )
+        if matched
+        else None,
+    }
+    return {
+        "n_studies": n_eval,
+        "froc": fr,
+        "sensitivity_at_1fp": fr["sensitivity_at_fp"]["1.0"],
+        "cpm": fr["cpm"],
+        "operating_threshold": keep_threshold,
+        "lung_rads_accuracy": round(lr_ok / k, 4),
+        "follow_up_accuracy_text": round(fu_text_ok / k, 4),
+        "follow_up_accuracy_image_only": round(fu_img_ok / k, 4),
+        "fields": fields,
+        "per_study": per_study,
+    }

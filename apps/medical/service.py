@@ -1,0 +1,382 @@
+"""The one inference seam of the medical app: study -> findings -> rules -> :class:`StudyReport`.
+
+The batch job, the CLI, the notebook and the UI all call :meth:`MedicalService.analyze_study`.
+Steps: series selection + HU volume (:mod:`apps.medical.pacs`) -> detector
+(:mod:`apps.medical.model`) -> candidates in LPS mm, filtered to the lungs -> clinical text
+(:mod:`apps.medical.text`, de-identified before use) -> rules (:mod:`apps.medical.rules`).
+``use_text=False`` is the image-only ablation (risk unknown).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from apps.medical.model import NoduleDetector, decode, preprocess
+from apps.medical.rules import FollowUp, IcdCode, LungRads, Nodule, Risk
+
+if TYPE_CHECKING:
+    from apps.medical.pacs import CTVolume, ScanResult, Study
+    from apps.medical.text import ClinicalTextEncoder
+
+log = logging.getLogger(__name__)
+MODEL_FORMAT = "vigil.medical.detector/1"
+
+
+@dataclass
+class Finding:
+    """One reported nodule (LPS mm, DICOM patient coordinates)."""
+
+    id: str
+    center_mm: list[float]
+    diameter_mm: float  # Lung-RADS size: mean of long and short axes
+    type: str
+    solid_component_mm: float | None
+    confidence: float
+    lobe: str
+    lung_rads: str
+    lung_rads_rule: str
+    differential: list[str]
+    voxel: list[float]  # in the analysed volume (for key images)
+
+
+@dataclass
+class StudyReport:
+    """Everything the report writers need; identity-free (study and series keys only)."""
+
+    study_key: str
+    series_key: str | None
+    series_uid: str | None  # source series (raw: the writers de-identify it)
+    findings: list[Finding]
+    lung_rads: LungRads
+    follow_up: FollowUp
+    icd10: list[IcdCode]
+    risk: Risk
+    risk_sources: dict[str, str]
+    clinical_text: str  # de-identified
+    model: dict[str, Any]
+    volume: CTVolume | None = None
+    heatmap: np.ndarray | None = None  # (X, Y, Z) float32 in [0, 1] on the volume grid
+    series_meta: dict[str, Any] = field(default_factory=dict)
+    source_paths: list[str] = field(default_factory=list)
+    use_text: bool = True
+
+
+def save_detector(model: NoduleDetector, path: Path, run_id: str | None = None) -> Path:
+    """Write a detector state file (weights + constructor args) loadable by :meth:`MedicalService.load`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    attn = not isinstance(model.attn, torch.nn.Identity)
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "args": {
+                "channels": list(model.channels),
+                "heads": model.heads,
+                "spacing_mm": model.spacing_mm,
+                "attention": attn,
+            },
+            "state_dict": model.state_dict(),
+            "run_id": run_id,
+        },
+        path,
+    )
+    return path
+
+
+def _lung_mask(hu: np.ndarray) -> np.ndarray:
+    """Lungs (X, Y, Z) bool: air-like voxels inside the body, closed and dilated so nodules and
+    juxtapleural nodules stay inside."""
+    from scipy import ndimage
+
+    body = ndimage.binary_fill_holes(hu > -500)
+    lungs = (hu < -400) & body
+    lab, n = ndimage.label(lungs)
+    if n == 0:
+        return np.ones_like(hu, dtype=bool)
+    sizes = ndimage.sum(lungs, lab, range(1, n + 1))
+    keep = np.isin(lab, 1 + np.flatnonzero(sizes >= 0.02 * sizes.max()))
+    keep = ndimage.binary_closing(keep, iterations=3)
+    filled = np.stack([ndimage.binary_fill_holes(keep[:, :, k]) for k in range(keep.shape[2])], -1)
+    return ndimage.binary_dilation(filled, iterations=2)
+
+
+def estimate_lobe(center_lps: np.ndarray, mask_world: dict[str, float]) -> str:
+    """Approximate lobe from position within the lung extent (side, height, front-back).
+
+    Oblique fissure rises from the anterior base to the posterior upper third; the right
+    horizontal fissure splits the middle lobe off anteriorly. A coarse anatomical heuristic.
+    """
+    x, y, z = (float(v) for v in center_lps)
+    h = (z - mask_world["z_min"]) / max(mask_world["z_max"] - mask_world["z_min"], 1.0)
+    ant = 2 * (y - mask_world["y_min"]) / max(mask_world["y_max"] - mask_world["y_min"], 1.0) - 1
+    oblique = 0.42 + 0.38 * ant  # LPS: +y posterior
+    if x < mask_world["x_mid"]:  # LPS: -x is the patient's right
+        if h < oblique:
+            return "RLL"
+        return "RML" if h < 0.52 and ant < 0.1 else "RUL"
+    return "LLL" if h < oblique else "LUL"
+
+
+class MedicalService:
+    """Detector + text encoder + rules behind one call.
+
+    Args:
+        model: a trained :class:`NoduleDetector` (``None``: call :meth:`load`).
+        model_info: name / version / MLflow run id written into every report.
+        threshold: minimum heat-map confidence of a reported nodule.
+        min_diameter_mm: smallest reported nodule.
+        use_encoder: use MiniLM for sentences the text rules do not understand.
+    """
+
+    def __init__(
+        self,
+        model: NoduleDetector,
+        model_info: dict[str, Any] | None = None,
+        threshold: float = 0.3,
+        min_diameter_mm: float = 3.0,
+        use_encoder: bool = True,
+    ) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if min_diameter_mm < 0:
+            raise ValueError("min_diameter_mm must be >= 0")
+        self.model = model.eval()
+        self.model_info = model_info or {
+            "name": "vigil-medical-detector",
+            "version": None,
+            "run_id": None,
+        }
+        self.threshold = threshold
+        self.min_diameter_mm = min_diameter_mm
+        self.use_encoder = use_encoder
+        self._encoder: ClinicalTextEncoder | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, source: str | Path | None = None, **kw: Any) -> MedicalService:
+        """From a state file, an MLflow model URI (``models:/...``, ``runs:/...``), or ``None``
+        for the registered champion."""
+        from core import tracking
+        from pipelines.errors import UserError
+
+        if source is not None and Path(str(source)).is_file():
+            state = torch.load(str(source), map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+                raise UserError(f"{source} is not a Vigil medical detector file")
+            model = NoduleDetector(
+                **{**state["args"], "channels": tuple(state["args"]["channels"])}
+            )
+            model.load_state_dict(state["state_dict"])
+            info = {
+                "name": "vigil-medical-detector",
+                "version": Path(str(source)).name,
+                "run_id": state.get("run_id"),
+            }
+            return cls(model, info, **kw)
+        import mlflow.pytorch
+
+        from apps.medical.train import MODEL_NAME
+
+        uri = str(source) if source is not None else f"models:/{MODEL_NAME}@champion"
+        tracking.configure()
+        try:
+            model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        except Exception as exc:
+            raise UserError(
+                f"could not load model {uri!r} ({type(exc).__name__}); train one with "
+                "`vigil medical train --data DIR` or pass --model PATH|URI"
+            ) from None
+        info = {"name": MODEL_NAME, "version": uri, "run_id": None}
+        try:
+            from mlflow import MlflowClient
+
+            if uri.startswith("models:/") and "@" in uri:
+                name, alias = uri.removeprefix("models:/").split("@", 1)
+                mv = MlflowClient().get_model_version_by_alias(name, alias)
+                info = {"name": name, "version": str(mv.version), "run_id": mv.run_id}
+        except Exception:
+            pass
+        return cls(model, info, **kw)
+
+    @property
+    def encoder(self) -> ClinicalTextEncoder | None:
+        if self._encoder is None and self.use_encoder:
+            from apps.medical.text import ClinicalTextEncoder
+
+            try:
+                self._encoder = ClinicalTextEncoder()
+            except FileNotFoundError as exc:
+                log.warning("clinical text encoder unavailable (%s): rules only", exc)
+                self.use_encoder = False
+        return self._encoder
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def detect(self, volume: CTVolume) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """Nodule candidates (LPS mm) on a volume at the model's spacing, and the heat map."""
+        from scipy import ndimage
+
+        from apps.medical.pacs import voxel_to_world
+
+        sp = self.model.spacing_mm
+        if not np.allclose(volume.spacing, (sp, sp, sp), atol=1e-3):
+            raise ValueError(f"volume spacing {volume.spacing} != model spacing {sp} mm")
+        x = preprocess(volume.array)  # (1, 1, X', Y', Z') padded to a multiple of 4
+        out = self.model(x)
+        cands = decode(out, threshold=self.threshold, max_candidates=30, spacing_mm=sp)[0]
+        X, Y, Z = volume.shape
+        heat = out.heatmap[0, 0].numpy()  # (X'/2, Y'/2, Z'/2)
+        heat = ndimage.zoom(heat, 2, order=1)[:X, :Y, :Z].astype(np.float32)
+        lungs = _lung_mask(volume.array)
+        idx = np.argwhere(lungs)
+        lo, hi = idx.min(0), idx.max(0)
+        corners = voxel_to_world(volume, np.array([lo, hi], dtype=float), space="LPS")
+        centre = voxel_to_world(volume, (lo + hi) / 2.0, space="LPS")
+        extent = {
+            "x_mid": float(centre[0]),
+            "y_min": float(corners[:, 1].min()),
+            "y_max": float(corners[:, 1].max()),
+            "z_min": float(corners[:, 2].min()),
+            "z_max": float(corners[:, 2].max()),
+        }
+        found = []
+        for c in cands:
+            v = np.clip(np.round(c.voxel).astype(int), 0, np.array(volume.shape) - 1)
+            if not lungs[tuple(v)] or c.diameter_mm < self.min_diameter_mm:
+                continue  # outside the lungs: vessels of the mediastinum, bone, table
+            lps = voxel_to_world(volume, np.asarray(c.voxel), space="LPS")
+            found.append(
+                {
+                    "center_mm": [round(float(u), 2) for u in lps],
+                    "voxel": [round(float(u), 2) for u in c.voxel],
+                    "diameter_mm": c.diameter_mm,
+                    "type": c.type,
+                    "solid_component_mm": c.solid_component_mm,
+                    "confidence": c.confidence,
+                    "lobe": estimate_lobe(lps, extent),
+                }
+            )
+        return found, heat
+
+    def text_risk(self, text: str, use_text: bool = True) -> tuple[Risk, dict[str, str]]:
+        from apps.medical.text import extract_risk
+
+        if not use_text:
+            return Risk(), {}
+        facts = extract_risk(text, self.encoder if self.use_encoder else None)
+        return facts.risk, facts.sources
+
+    def report_from_findings(
+        self,
+        raw: list[dict[str, Any]],
+        risk: Risk,
+        *,
+        study_key: str,
+        series_key: str | None = None,
+        series_uid: str | None = None,
+        risk_sources: dict[str, str] | None = None,
+        clinical_text: str = "",
+        use_text: bool = True,
+    ) -> StudyReport:
+        """Apply the rules to detected (or given) findings: the report is decided here."""
+        from apps.medical import rules
+
+        raw = sorted(raw, key=lambda f: -f["confidence"])
+        nods = [
+            Nodule(
+                f["diameter_mm"],
+                f["type"],
+                f.get("solid_component_mm"),
+                bool(f.get("calcified", False)),
+            )
+            for f in raw
+        ]
+        findings = []
+        for i, (f, n) in enumerate(zip(raw, nods, strict=True), 1):
+            cat, row = rules.lungrads_nodule(n)
+            findings.append(
+                Finding(
+                    id=f"F{i}",
+                    center_mm=f["center_mm"],
+                    diameter_mm=round(n.mean_diameter_mm, 1),
+                    type=n.type,
+                    solid_component_mm=n.solid_component_mm,
+                    confidence=f["confidence"],
+                    lobe=f.get("lobe", "unknown"),
+                    lung_rads=cat,
+                    lung_rads_rule=row,
+                    differential=rules.differential(n, risk),
+                    voxel=f.get("voxel", [0.0, 0.0, 0.0]),
+                )
+            )
+        return StudyReport(
+            study_key=study_key,
+            series_key=series_key,
+            series_uid=series_uid,
+            findings=findings,
+            lung_rads=rules.lungrads(nods),
+            follow_up=rules.fleischner(nods, risk),
+            icd10=rules.icd10_codes([f.id for f in findings], risk),
+            risk=risk,
+            risk_sources=risk_sources or {},
+            clinical_text=clinical_text,
+            model=dict(self.model_info),
+            use_text=use_text,
+        )
+
+    def analyze_study(
+        self, study: Study, scan: ScanResult | None = None, use_text: bool = True
+    ) -> StudyReport:
+        """Full pipeline for one indexed study. Raises ``StudyError`` when no volume can be built."""
+        from apps.medical.pacs import load_study_volumes, read_clinical_text
+
+        sp = self.model.spacing_mm
+        vols = load_study_volumes(study, spacing=(sp, sp, sp), result=scan)
+        if not vols:
+            reasons = sorted(
+                {i.reason for i in (scan.issues if scan else []) if i.study_key == study.key}
+            )
+            raise StudyError(
+                "no_volume", "no usable CT series" + (f" ({', '.join(reasons)})" if reasons else "")
+            )
+        vol = vols[0]
+        raw, heat = self.detect(vol)
+        text_raw = read_clinical_text(study)
+        # de-identify before anything reads or stores it
+        text = (scan.deid if scan else _default_deid()).scrub_text(text_raw, study.identity)
+        risk, sources = self.text_risk(text, use_text)
+        series = study.series.get(vol.series_uid)
+        rep = self.report_from_findings(
+            raw,
+            risk,
+            study_key=study.key,
+            series_key=vol.series_key,
+            series_uid=vol.series_uid,
+            risk_sources=sources,
+            clinical_text=text if use_text else "",
+            use_text=use_text,
+        )
+        rep.volume, rep.heatmap = vol, heat
+        rep.series_meta = {k: v for k, v in vol.meta.items() if k != "warnings"}
+        rep.source_paths = sorted({f.path for f in series.frames}) if series else []
+        return rep
+
+
+class StudyError(Exception):
+    """A study that cannot be analysed; ``reason`` is a short code for the batch manifest."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _default_deid() -> Any:
+    from apps.medical.deid import Deidentifier
+
+    return Deidentifier()

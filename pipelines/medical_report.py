@@ -1,0 +1,175 @@
+"""`vigil medical train | batch | evaluate` command functions and the demo's report step.
+
+Plain functions with typer ``Annotated`` parameters: ``pipelines/cli.py`` registers them on the
+``vigil medical`` group. Thin shells over :mod:`apps.medical` (train, batch, evaluate, service).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    from pipelines.demo import DemoContext
+
+
+def _need_export(data: Path) -> None:
+    if not (data / "pacs").is_dir() or not (data / "truth").is_dir():
+        raise UserError(
+            f"{data} is not a phantom export (needs pacs/ and truth/): run `vigil medical synth`"
+        )
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="Phantom export folder (pacs/ + truth/).")],
+    out: Annotated[Path, typer.Option(help="Where to save the detector state file.")] = Path(
+        ".vigil/medical/detector.pt"
+    ),
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(min=1, help="Crops per step.")] = 4,
+    crop: Annotated[int, typer.Option(min=16, help="Crop edge in voxels (multiple of 4).")] = 48,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    register: Annotated[bool, typer.Option(help="Register in MLflow with alias champion.")] = True,
+) -> None:
+    """Train the nodule detector on a phantom export; log to MLflow and register the champion."""
+    from rich.progress import Progress
+
+    from apps.medical.train import TrainConfig, train_and_log
+
+    _need_export(data)
+    try:
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, crop=crop, lr=lr, seed=seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    with Progress() as prog:
+        task = prog.add_task("training", total=steps)
+
+        def cb(step: int, rec: dict[str, float]) -> None:
+            prog.update(task, completed=step, description=f"training loss {rec['total']:.3f}")
+
+        summary = train_and_log(data, cfg, out_path=out, register=register, progress=cb)
+    typer.echo(json.dumps(summary, indent=1))
+
+
+def batch(
+    pacs_dir: Annotated[Path, typer.Argument(help="PACS export folder to process.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder (reports, manifest, quarantine).")
+    ],
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Detector state file or MLflow model URI (default: champion)."),
+    ] = None,
+    no_text: Annotated[bool, typer.Option("--no-text", help="Image-only ablation.")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Process quarantined studies again.")] = False,
+) -> None:
+    """Ingestion -> model -> report for every study; resumable via OUT/manifest.json."""
+    from apps.medical.batch import run_batch
+
+    if not pacs_dir.is_dir():
+        raise UserError(f"{pacs_dir} is not a folder")
+    if (
+        model is not None
+        and not model.startswith(("models:/", "runs:/"))
+        and not Path(model).is_file()
+    ):
+        raise UserError(f"--model {model!r}: no such file (or give a models:/ or runs:/ URI)")
+    res = run_batch(
+        pacs_dir, out, workers=workers, model=model, use_text=not no_text, retry_failed=retry_failed
+    )
+    s = res.summary()
+    typer.echo(
+        f"{s['done']} done, {s['quarantined']} quarantined, {s['skipped']} skipped (already "
+        f"finished) in {s['seconds']} s ({s['studies_per_min']} studies/min); reports in {out}"
+    )
+    for key, reason in sorted(res.failures.items()):
+        typer.echo(f"  quarantined {key}: {reason} (see {out / 'quarantine' / (key + '.json')})")
+
+
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Held-out phantom export (pacs/ + truth/).")],
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write metrics JSON here.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Detector state file or MLflow URI.")] = None,
+) -> None:
+    """FROC (0.125-8 FP/scan) and CPM, Lung-RADS accuracy, follow-up accuracy with/without text."""
+    from apps.medical.evaluate import evaluate_export
+    from apps.medical.service import MedicalService
+
+    _need_export(data)
+    svc = MedicalService.load(model)
+    res = evaluate_export(data, svc)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res, indent=1))
+    brief = {k: v for k, v in res.items() if k not in ("per_study",)}
+    brief["froc"] = {k: v for k, v in res["froc"].items() if k != "curve"}
+    typer.echo(json.dumps(brief, indent=1))
+
+
+# ------------------------------------------------------------------ demo
+DEMO_TRAIN_STEPS = 150
+
+
+def demo_step_reports(ctx: DemoContext) -> dict[str, Any]:
+    """Demo: small phantom export -> train briefly -> batch reports (2 broken studies) -> rerun."""
+    from apps.medical.batch import run_batch
+    from apps.medical.phantom import PhantomConfig, write_export
+    from apps.medical.train import TrainConfig, train_and_log
+
+    work = ctx.workdir / "medical_reports"
+    cfg = PhantomConfig(
+        matrix=96,
+        fov_mm=300.0,
+        slice_mm=2.5,
+        n_slices=48,
+        max_nodules=3,
+        min_nodules=1,
+        second_recon=0.0,
+        localizer=False,
+    )
+    n_train, n_batch = (4, 3) if ctx.quick else (8, 6)
+    if not (work / "train" / "truth").is_dir():
+        write_export(work / "train", n_train, seed=101, cfg=cfg)
+    if not (work / "heldout" / "truth").is_dir():
+        write_export(work / "heldout", n_batch, seed=202, cfg=cfg)
+        _break_one(work / "heldout" / "pacs")
+    steps = 40 if ctx.quick else DEMO_TRAIN_STEPS
+    trained = train_and_log(
+        work / "train", TrainConfig(steps=steps, crop=32), out_path=work / "detector.pt"
+    )
+    res = run_batch(
+        work / "heldout" / "pacs", work / "out", model=work / "detector.pt", progress=False
+    )
+    again = run_batch(
+        work / "heldout" / "pacs",
+        work / "out",
+        model=work / "detector.pt",
+        progress=False,
+        log_mlflow=False,
+    )
+    return {
+        "train_run": trained["run_id"],
+        "reports": res.done,
+        "quarantined": res.quarantined,
+        "rerun_new": again.processed,
+        "out": str(work / "out"),
+    }
+
+
+def _break_one(pacs: Path) -> None:
+    """Truncate every image of one study's series: the batch must quarantine it, not crash."""
+    studies = sorted(p for p in pacs.glob("*/*") if p.is_dir())
+    if not studies:
+        return
+    for f in sorted(studies[-1].rglob("*")):
+        if f.is_file() and f.stat().st_size > 4096:
+            f.write_bytes(f.read_bytes()[:2048])
