@@ -69,7 +69,7 @@ def written(
 
 
 def test_json_schema_fields_and_traceability(written: tuple) -> None:
-    rep, truth, paths, _, _ = written
+    rep, _, paths, _, _ = written
     d = json.loads(paths["json"].read_text())
     validate_report(d)
     assert d["schema"] == SCHEMA and d["disclaimer"] == DISCLAIMER
