@@ -10,7 +10,7 @@
 ``import core.quantization`` needs only torch and numpy (onnxruntime, torchao, mlflow lazily).
 """
 
-from core.quantization.dynamic import Int8DynamicLinear, OrtInt8Module, cpu_flags, dynamic_int8
+from core.quantization.dynamic import Int8DynamicLinear, OrtModule, cpu_flags, dynamic_int8
 from core.quantization.io import load_compressed, read_header, save_compressed
 from core.quantization.modules import QuantConv, QuantEmbedding, QuantLinear
 from core.quantization.packing import dequantize, pack_int4, quantize, unpack_int4
@@ -19,7 +19,7 @@ from core.quantization.report import QuantizationReport
 
 __all__ = [
     "Int8DynamicLinear",
-    "OrtInt8Module",
+    "OrtModule",
     "QuantConv",
     "QuantEmbedding",
     "QuantLinear",

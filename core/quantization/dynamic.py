@@ -155,8 +155,8 @@ class Int8DynamicLinear(nn.Module):
         )
 
 
-class OrtInt8Module(nn.Module):
-    """An ONNX Runtime INT8 session behind the ``nn.Module`` call convention.
+class OrtModule(nn.Module):
+    """An ONNX Runtime session (here: the INT8 graph) behind the ``nn.Module`` call convention.
 
     The quantized ONNX model is a uint8 buffer, so ``torch.save``/``state_dict`` carry it; the
     session is created lazily. Returns a tensor (one output) or a tuple of tensors.
@@ -274,7 +274,7 @@ def _flat_outputs(out: Any) -> list[Tensor]:
     return flat
 
 
-def _ort_int8(model: nn.Module, example_inputs: _inputs.Inputs) -> OrtInt8Module:
+def _ort_int8(model: nn.Module, example_inputs: _inputs.Inputs) -> OrtModule:
     import logging
 
     from onnxruntime.quantization import QuantType
@@ -297,7 +297,7 @@ def _ort_int8(model: nn.Module, example_inputs: _inputs.Inputs) -> OrtInt8Module
             ort_quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, per_channel=True)
         finally:
             root.setLevel(level)
-        return OrtInt8Module(int8.read_bytes(), in_names, out_names)
+        return OrtModule(int8.read_bytes(), in_names, out_names)
 
 
 def _torchao_int8(model: nn.Module) -> nn.Module:
