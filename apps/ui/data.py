@@ -507,7 +507,8 @@ class StudyOutput:
     folder: Path
     status: str
     report: dict[str, Any] | None
-    files: dict[str, Path]  # kind -> path: json, html, pdf, sr, volume, heatmap
+    files: dict[str, Path]  # kind -> path: json, html, pdf, sr, volume
+    reason: str | None = None  # why it is not done (manifest), if it is not
 
 
 def find_medical_batches(root: Path | None = None) -> list[Path]:
@@ -557,8 +558,7 @@ _KINDS: dict[str, tuple[str, ...]] = {
     "html": ("report.html",),
     "pdf": ("report.pdf", "*.pdf"),
     "sr": ("*sr*.dcm", "*SR*.dcm", "sr.dcm", "*.sr"),
-    "volume": ("volume.npz", "volume.npy", "preview.npz"),
-    "heatmap": ("heatmap.npy", "heatmap.npz"),
+    "volume": ("volume.npz",),
 }
 
 
@@ -602,7 +602,10 @@ def list_studies(batch: Path) -> list[StudyOutput]:
             except (OSError, ValueError):
                 report = None
         status = str(entry.get("status") or ("done" if report is not None else "missing"))
-        studies.append(StudyOutput(key, folder, status, report, files))
+        reason = entry.get("reason")
+        studies.append(
+            StudyOutput(key, folder, status, report, files, None if reason is None else str(reason))
+        )
     return studies
 
 
@@ -619,6 +622,23 @@ def read_quarantine(batch: Path) -> pd.DataFrame:
                 item = {"reason": "unreadable line", "detail": line[:200]}
             if isinstance(item, Mapping):
                 rows.append({**item, "file": p.name})
+    # one JSON per quarantined study (the batch job's quarantine/<study>.json)
+    for p in walk_files(batch, ("quarantine/*.json",), max_depth=2):
+        try:
+            item = json.loads(p.read_text(errors="replace"))
+        except ValueError:
+            item = {"reason": "unreadable file", "detail": p.name}
+        if isinstance(item, Mapping):
+            rows.append(
+                {
+                    "level": "quarantined",
+                    "scope": "study",
+                    "reason": item.get("reason"),
+                    "detail": item.get("detail"),
+                    "study_key": item.get("study_key", p.stem),
+                    "file": p.name,
+                }
+            )
     cols = ["level", "scope", "reason", "detail", "path", "study_key", "series_key", "file"]
     df = pd.DataFrame(rows)
     for c in cols:
@@ -637,29 +657,88 @@ def findings_of(report: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     return [dict(f) for f in items if isinstance(f, Mapping)]
 
 
-def load_volume(files: Mapping[str, Path]) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """(HU volume (Z, Y, X), heat map (Z, Y, X) or None) saved with a study, or ``None``."""
-    if "volume" not in files:
-        return None
-    p = files["volume"]
-    heat = None
-    if p.suffix == ".npz":
-        with np.load(p) as z:
-            names = list(z.files)
-            vol_key = next((k for k in ("hu", "volume", "image", "ct") if k in names), names[0])
-            vol = np.asarray(z[vol_key])
-            heat_key = next((k for k in ("heatmap", "heat", "saliency", "cam") if k in names), None)
-            heat = np.asarray(z[heat_key]) if heat_key else None
-    else:
-        vol = np.load(p)
-    if heat is None and "heatmap" in files:
-        h = np.load(files["heatmap"])
-        heat = np.asarray(h[h.files[0]]) if hasattr(h, "files") else np.asarray(h)
-    if vol.ndim != 3:
-        raise ValueError(f"{p.name}: expected a 3D volume, got shape {vol.shape}")
-    if heat is not None and heat.shape != vol.shape:
-        heat = None  # a heat map on another grid cannot be overlaid voxel for voxel
-    return vol, heat
+@dataclass
+class SliceStack:
+    """A CT volume ready to display: axial slices in radiological view (patient right on the
+    image left, anterior up), and how to find a world point in it."""
+
+    hu: np.ndarray  # (Z, rows, cols) HU
+    heat: np.ndarray | None  # (Z, rows, cols) in [0, 1] or None
+    affine: np.ndarray  # (4, 4) voxel (i, j, k) of the RAS (X, Y, Z) array -> RAS mm
+    shape_xyz: tuple[int, int, int]
+    source: str = ""
+
+    @classmethod
+    def from_ras(
+        cls, array: np.ndarray, affine: np.ndarray, heat: np.ndarray | None = None, source: str = ""
+    ) -> SliceStack:
+        """From an (X, Y, Z) RAS array (Vigil's ``CTVolume`` layout) and its affine."""
+        if array.ndim != 3:
+            raise ValueError(f"expected a 3D (X, Y, Z) volume, got shape {array.shape}")
+        if heat is not None and heat.shape != array.shape:
+            heat = None  # a heat map on another grid cannot be overlaid voxel for voxel
+        # (X, Y, Z) -> (Z, Y, X), then flip rows (anterior up) and columns (patient right left)
+        disp = np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)[:, ::-1, ::-1])
+        hdisp = (
+            None
+            if heat is None
+            else np.ascontiguousarray(np.asarray(heat).transpose(2, 1, 0)[:, ::-1, ::-1])
+        )
+        shape = (int(array.shape[0]), int(array.shape[1]), int(array.shape[2]))
+        return cls(disp, hdisp, np.asarray(affine, dtype=float), shape, source)
+
+    @property
+    def pixel_mm(self) -> float:
+        return float(np.linalg.norm(self.affine[:3, 0]))
+
+    def locate(self, center_mm_lps: Sequence[float]) -> tuple[float, float, float]:
+        """A DICOM (LPS mm) point -> (slice, row, col) in the displayed stack."""
+        from apps.medical.pacs import world_to_voxel
+
+        i, j, k = (float(v) for v in world_to_voxel(self.affine, list(center_mm_lps), "LPS"))
+        x, y, _ = self.shape_xyz
+        return k, (y - 1) - j, (x - 1) - i
+
+
+def load_volume_file(path: Path) -> SliceStack:
+    """``volume.npz`` saved with a study: ``hu`` (X, Y, Z) RAS, ``affine`` (4, 4), optional
+    ``heatmap`` (X, Y, Z) — the layout of :class:`apps.medical.pacs.CTVolume`."""
+    with np.load(path) as z:
+        names = set(z.files)
+        if not {"hu", "affine"} <= names:
+            raise ValueError(
+                f"{Path(path).name}: needs arrays 'hu' and 'affine', has {sorted(names)}"
+            )
+        heat = np.asarray(z["heatmap"], dtype=np.float32) if "heatmap" in names else None
+        return SliceStack.from_ras(
+            np.asarray(z["hu"], dtype=np.float32), z["affine"], heat, source=str(path)
+        )
+
+
+def load_volume_from_pacs(pacs_dir: Path, study_key: str) -> SliceStack:
+    """Rebuild a study's slices from its PACS export (the batch job's own ingestion, acquired
+    grid, no model). Raises ``ValueError`` when the study or a usable series is not there."""
+    from apps.medical import pacs
+
+    scan = pacs.scan_folder(Path(pacs_dir))
+    study = next((s for s in scan.studies.values() if s.key == study_key), None)
+    if study is None:
+        raise ValueError(f"study {study_key} is not in {pacs_dir}")
+    vols = pacs.load_study_volumes(study, spacing=None, result=scan)
+    if not vols:
+        raise ValueError(f"study {study_key} has no usable CT series in {pacs_dir}")
+    return SliceStack.from_ras(vols[0].array, vols[0].affine, source=str(pacs_dir))
+
+
+def guess_pacs_dirs(batch: Path) -> list[Path]:
+    """PACS exports next to a batch output (the demo keeps them side by side)."""
+    out = []
+    for base in (batch.parent, batch.parent.parent):
+        for cand in ("pacs", "heldout/pacs", "export/pacs", "phantoms/pacs"):
+            p = base / cand
+            if p.is_dir() and p not in out:
+                out.append(p)
+    return out
 
 
 #: Window/level presets (HU): width, level.
@@ -705,18 +784,6 @@ def overlay_slice(
                 )
                 rgb[rr, cc] = (255.0, 220.0, 0.0)
     return np.clip(rgb, 0, 255).astype(np.uint8)
-
-
-def finding_voxel(f: Mapping[str, Any]) -> tuple[float, float, float] | None:
-    """A finding's centre as (z, y, x) voxel indices, when the report states one."""
-    for key in ("center_zyx", "centre_zyx", "voxel_zyx", "center_voxel", "voxel"):
-        v = f.get(key)
-        if isinstance(v, Sequence) and len(v) == 3:
-            try:
-                return float(v[0]), float(v[1]), float(v[2])
-            except (TypeError, ValueError):
-                return None
-    return None
 
 
 # --------------------------------------------------------------------------- manufacturing
@@ -828,13 +895,13 @@ def cached_registered_models(uri: str) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner="Loading volume…", max_entries=4)
-def cached_volume(
-    volume_path: str, heat_path: str | None, stamp: float
-) -> tuple[np.ndarray, np.ndarray | None] | None:
-    files = {"volume": Path(volume_path)}
-    if heat_path:
-        files["heatmap"] = Path(heat_path)
-    return load_volume(files)
+def cached_volume_file(path: str, stamp: float) -> SliceStack:
+    return load_volume_file(Path(path))
+
+
+@st.cache_resource(show_spinner="Rebuilding slices from the PACS export…", max_entries=4)
+def cached_volume_from_pacs(pacs_dir: str, study_key: str) -> SliceStack:
+    return load_volume_from_pacs(Path(pacs_dir), study_key)
 
 
 def iter_chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:

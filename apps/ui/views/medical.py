@@ -33,9 +33,12 @@ def _study_table(studies: list[data.StudyOutput]) -> pd.DataFrame:
                 "findings": len(data.findings_of(rep)) if s.report is not None else None,
                 "category": _first(rep, ("lung_rads", "category", "lungrads")),
                 "files": ", ".join(sorted(k for k in s.files if k in _MIME)),
+                "reason": s.reason,
             }
         )
-    return pd.DataFrame(rows, columns=["study", "status", "findings", "category", "files"])
+    return pd.DataFrame(
+        rows, columns=["study", "status", "findings", "category", "files", "reason"]
+    )
 
 
 def _first(d: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -48,33 +51,56 @@ def _first(d: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return None
 
 
-def _slice_viewer(study: data.StudyOutput) -> None:
-    files = study.files
-    if "volume" not in files:
-        st.info(
-            "This output has no saved volume (`volume.npz`), so there is no slice viewer for it. "
-            "The report below still lists the findings."
-        )
-        return
-    try:
-        loaded = data.cached_volume(
-            str(files["volume"]),
-            str(files["heatmap"]) if "heatmap" in files else None,
-            data._stamp(files["volume"]),
-        )
-    except (OSError, ValueError) as exc:
-        st.error(f"volume could not be read: {exc}")
-        return
-    if loaded is None:
-        return
-    vol, heat = loaded  # (Z, Y, X) HU, (Z, Y, X) heat or None
-    findings = data.findings_of(study.report)
-    centres = [(f, c) for f in findings if (c := data.finding_voxel(f)) is not None]
-    start = round(centres[0][1][0]) if centres else vol.shape[0] // 2
-    c1, c2, c3 = st.columns([3, 2, 1])
-    z = c1.slider(
-        "Slice", 0, vol.shape[0] - 1, min(max(start, 0), vol.shape[0] - 1), key="med_slice"
+def _stack(study: data.StudyOutput, batch: Path) -> data.SliceStack | None:
+    """The study's slices: its saved ``volume.npz``, else rebuilt from the PACS export on request."""
+    if "volume" in study.files:
+        try:
+            return data.cached_volume_file(
+                str(study.files["volume"]), data._stamp(study.files["volume"])
+            )
+        except (OSError, ValueError) as exc:
+            st.error(f"volume could not be read: {exc}")
+            return None
+    guesses = data.guess_pacs_dirs(batch)
+    pacs_dir = st.text_input(
+        "PACS export of this batch",
+        value=str(guesses[0]) if guesses else "",
+        key="med_pacs",
+        help="No volume is stored with the report: the slices are rebuilt from the source "
+        "export with the batch job's own ingestion.",
     )
+    flag = f"med_loaded::{study.key}"
+    if st.button("Load slices", key="med_load", disabled=not pacs_dir.strip()):
+        st.session_state[flag] = pacs_dir.strip()
+    if st.session_state.get(flag) is None:
+        st.caption("Slices are rebuilt on request (a few seconds per study).")
+        return None
+    root = Path(st.session_state[flag]).expanduser()
+    if not root.is_dir():
+        st.error(f"`{root}` is not a folder.")
+        return None
+    try:
+        return data.cached_volume_from_pacs(str(root), study.key)
+    except ValueError as exc:
+        st.error(str(exc))
+        return None
+
+
+def _slice_viewer(study: data.StudyOutput, batch: Path) -> None:
+    stack = _stack(study, batch)
+    if stack is None:
+        return
+    hu, heat = stack.hu, stack.heat  # (Z, rows, cols)
+    findings = data.findings_of(study.report)
+    centres = []
+    for f in findings:
+        c = f.get("center_mm")
+        if isinstance(c, list) and len(c) == 3:
+            centres.append((f, stack.locate(c)))
+    n = hu.shape[0]
+    start = min(max(round(centres[0][1][0]), 0), n - 1) if centres else n // 2
+    c1, c2, c3 = st.columns([3, 2, 1])
+    z = c1.slider("Slice", 0, n - 1, start, key=f"med_slice_{study.key}")
     preset = c2.radio("Window", [*data.WINDOWS, "custom"], horizontal=True, key="med_window")
     show_heat = c3.checkbox(
         "Heat map", value=heat is not None, disabled=heat is None, key="med_heat"
@@ -85,20 +111,17 @@ def _slice_viewer(study: data.StudyOutput) -> None:
         level = w2.number_input("Level (HU)", -1200.0, 3000.0, -600.0, key="med_wl")
     else:
         width, level = data.WINDOWS[preset]
-    gray = data.window_level(vol[z], width, level)
+    gray = data.window_level(hu[z], width, level)
     markers = []
-    for f, (fz, fy, fx) in centres:
-        size_mm = f.get("size_mm") or f.get("diameter_mm") or 6.0
-        spacing = float(f.get("pixel_spacing_mm") or 1.0)
-        half = float(size_mm) / spacing / 2.0
-        if abs(fz - z) <= max(1.0, half):  # the nodule crosses this slice
-            markers.append((fy, fx, half))
+    for f, (fz, fr, fc) in centres:
+        radius = float(f.get("diameter_mm") or f.get("size_mm") or 6.0) / stack.pixel_mm / 2.0
+        if abs(fz - z) <= max(1.0, radius):  # the nodule crosses this slice
+            markers.append((fr, fc, radius))
     rgb = data.overlay_slice(gray, heat[z] if (show_heat and heat is not None) else None, markers)
     st.image(
         rgb,
-        caption=f"slice {z} / {vol.shape[0] - 1} · W {width:.0f} L {level:.0f} · "
-        f"{len(markers)} marker(s)",
-        width=min(640, max(256, rgb.shape[1] * 2)),
+        caption=f"slice {z} / {n - 1} · W {width:.0f} L {level:.0f} · {len(markers)} marker(s)",
+        width=min(640, max(320, rgb.shape[1] * 2)),
     )
 
 
@@ -114,7 +137,7 @@ def _report(study: data.StudyOutput) -> None:
         st.info("No report for this study (see its status and the quarantine list).")
     cols = st.columns(4)
     for col, kind, label in zip(
-        cols, ("json", "pdf", "sr", "html"), ("JSON", "PDF", "DICOM SR", "HTML"), strict=True
+        cols, ("json", "pdf", "sr", "html"), ("JSON", "PDF", "SR", "HTML"), strict=True
     ):
         p = files.get(kind)
         if p is None:
@@ -181,7 +204,7 @@ def render() -> None:
                 viewer, report = st.columns([1, 1])
                 with viewer:
                     st.markdown("**Slices**")
-                    _slice_viewer(study)
+                    _slice_viewer(study, batch)
                     findings = data.findings_of(study.report)
                     if findings:
                         st.dataframe(

@@ -57,32 +57,40 @@ def write_fraud_replay(path: Path, n: int = 600, seed: int = 0) -> list[dict]:
 
 
 def write_medical_batch(batch: Path) -> None:
-    """Two reported studies (one with a volume + heat map + nodule), one failed, two quarantined
-    files."""
+    """The batch job's layout: ``manifest.json``, ``studies/<key>/report.*``, ``quarantine/``.
+
+    study-001 has a nodule and a saved ``volume.npz`` (CTVolume layout: (X, Y, Z) RAS + affine);
+    study-002 has no nodule and no volume; study-003 was quarantined.
+    """
     rng = np.random.default_rng(1)
-    vol = np.full((20, 64, 64), -850.0, dtype=np.float32)  # (Z, Y, X) lung parenchyma
-    vol[:, :, :8] = 40.0  # a strip of soft tissue
-    zz, yy, xx = np.mgrid[:20, :64, :64]
-    nodule = (zz - 10) ** 2 + (yy - 30) ** 2 + (xx - 40) ** 2 <= 16
+    shape = (64, 64, 20)  # (X, Y, Z) RAS, 1 mm voxels at the origin
+    xx, yy, zz = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    vol = np.full(shape, -850.0, dtype=np.float32)  # lung parenchyma
+    vol[:8] = 40.0  # soft tissue on the patient's left (low X in RAS)
+    nodule = (xx - 40) ** 2 + (yy - 30) ** 2 + (zz - 10) ** 2 <= 16
     vol[nodule] = 30.0
-    heat = np.exp(-((zz - 10) ** 2 + (yy - 30) ** 2 + (xx - 40) ** 2) / 20.0).astype(np.float32)
-    vol += rng.normal(0, 10, vol.shape).astype(np.float32)
-    for key, findings in (("study-001", 1), ("study-002", 0)):
+    vol += rng.normal(0, 10, shape).astype(np.float32)
+    heat = np.exp(-((xx - 40) ** 2 + (yy - 30) ** 2 + (zz - 10) ** 2) / 20.0).astype(np.float32)
+    centre_lps = [-40.0, -30.0, 10.0]  # RAS voxel (40, 30, 10) in DICOM LPS mm
+    studies = {}
+    for key, n_findings in (("study-001", 1), ("study-002", 0)):
         d = batch / "studies" / key
         d.mkdir(parents=True)
         report = {
-            "study": key,
-            "lung_rads": "4A" if findings else "1",
+            "study_key": key,
             "findings": [
                 {
-                    "lobe": "RUL",
-                    "size_mm": 8.0,
+                    "id": "N1",
+                    "center_mm": centre_lps,
+                    "diameter_mm": 8.0,
                     "type": "solid",
                     "confidence": 0.91,
-                    "center_zyx": [10, 30, 40],
+                    "lobe": "RUL",
+                    "lung_rads": "4A",
                 }
-            ][:findings],
-            "impression": "Solid nodule 8 mm." if findings else "No nodules.",
+            ][:n_findings],
+            "lung_rads": {"category": "4A" if n_findings else "1", "rule": "test"},
+            "impression": "Solid nodule 8 mm." if n_findings else "No nodules.",
             "disclaimer": "Research use only. Not for clinical use.",
         }
         (d / "report.json").write_text(json.dumps(report))
@@ -90,15 +98,20 @@ def write_medical_batch(batch: Path) -> None:
             f"<html><body><h1>Report {key}</h1><p>{report['impression']}</p></body></html>"
         )
         (d / "report.pdf").write_bytes(b"%PDF-1.4\n% test\n")
-        (d / "sr.dcm").write_bytes(b"\0" * 128 + b"DICM")
-        if findings:
-            np.savez_compressed(d / "volume.npz", hu=vol, heatmap=heat)
-    manifest = [
-        {"study": "study-001", "status": "done"},
-        {"study": "study-002", "status": "done"},
-        {"study": "study-003", "status": "failed", "error": "no usable series"},
-    ]
-    (batch / "manifest.jsonl").write_text("\n".join(json.dumps(m) for m in manifest) + "\n")
+        (d / "report_sr.dcm").write_bytes(b"\0" * 128 + b"DICM")
+        if n_findings:
+            np.savez_compressed(d / "volume.npz", hu=vol, affine=np.eye(4), heatmap=heat)
+        studies[key] = {"study_key": key, "status": "done", "n_findings": n_findings}
+    studies["study-003"] = {
+        "study_key": "study-003",
+        "status": "quarantined",
+        "reason": "no_volume",
+        "detail": "no usable CT series",
+    }
+    (batch / "manifest.json").write_text(json.dumps({"schema": "test", "studies": studies}))
+    q = batch / "quarantine"
+    q.mkdir()
+    (q / "study-003.json").write_text(json.dumps(studies["study-003"]))
     issues = [
         {
             "level": "quarantined",
@@ -119,7 +132,7 @@ def write_medical_batch(batch: Path) -> None:
             "series_key": "s3",
         },
     ]
-    (batch / "quarantine.jsonl").write_text("\n".join(json.dumps(i) for i in issues) + "\n")
+    (q / "scan_issues.jsonl").write_text("\n".join(json.dumps(i) for i in issues) + "\n")
 
 
 def write_defect_outputs(root: Path) -> None:
