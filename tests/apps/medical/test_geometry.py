@@ -49,7 +49,9 @@ def _centroid(
     lo = np.maximum(c - half, 0)
     hi = np.minimum(c + half + 1, vol.shape)
     box = vol.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    grid = np.stack(
+        np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1
+    )
     ball = (((grid - guess) * np.asarray(vol.spacing)) ** 2).sum(-1) <= radius_mm**2
     labels, _ = ndimage.label((box > threshold) & ball)
     lab = labels[tuple(c - lo)]
