@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -40,12 +41,19 @@ def _detector() -> Any:
 
 
 def _predict(detector: Any, image: Any) -> dict[str, Any] | None:
-    """Score one PIL image with the seam's ``predict`` (image score, type, overlay)."""
-    fn = getattr(detector, "predict", None) or getattr(detector, "predict_image", None)
+    """Score one PIL image with the seam's ``predict([image])`` (``FewShotDetector.predict``
+    returns ``DefectResult(score, is_defect, defect_type, anomaly_map)`` per image)."""
+    fn = getattr(detector, "predict", None)
     if fn is None:
         return None
-    out = fn(image)
-    return out if isinstance(out, dict) else getattr(out, "__dict__", {"result": out})
+    out = fn([image])
+    res = out[0] if isinstance(out, list | tuple) else out
+    fields = ("score", "is_defect", "defect_type", "anomaly_map")
+    got = dict(res) if isinstance(res, dict) else {k: getattr(res, k, None) for k in fields}
+    amap = got.get("anomaly_map")
+    if amap is not None:
+        got["overlay"] = data.heat_overlay(np.asarray(image.convert("RGB")), np.asarray(amap))
+    return got
 
 
 def _show_results(items: list[tuple[str, Any]]) -> None:
@@ -62,10 +70,14 @@ def _show_results(items: list[tuple[str, Any]]) -> None:
             with col:
                 verdict = _predict(detector, img) if detector is not None else None
                 if verdict:
-                    overlay = verdict.get("overlay", img)
-                    score = verdict.get("score", verdict.get("pred_score"))
-                    kind = verdict.get("type", verdict.get("defect_type", "-"))
-                    st.image(overlay, caption=f"{name} · score {score} · {kind}")
+                    score = verdict.get("score")
+                    verdict_txt = "DEFECT" if verdict.get("is_defect") else "ok"
+                    kind = verdict.get("defect_type") or "-"
+                    score_txt = f"{score:.3f}" if isinstance(score, float) else str(score)
+                    st.image(
+                        verdict.get("overlay", img),
+                        caption=f"{name} · {verdict_txt} · score {score_txt} · {kind}",
+                    )
                 else:
                     st.image(img, caption=name)
 

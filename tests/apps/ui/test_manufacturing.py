@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from apps.ui import data
@@ -74,3 +75,13 @@ def test_model_card_of_the_champion(ui_home: Path, mlflow_store: str) -> None:
     card = dict(zip(tables[0]["field"], tables[0]["value"], strict=True))
     assert card["model"] == "vigil-defect" and card["version"] == "1"
     assert card["shots"] == "8" and card["int8"] == "True" and card["size_mb"] == "2.1"
+
+
+def test_heat_overlay_marks_the_anomaly_red() -> None:
+    rgb = np.full((8, 8, 3), 100, np.uint8)
+    amap = np.zeros((8, 8), np.float32)
+    amap[2, 3] = 1.0
+    out = data.heat_overlay(rgb, amap)
+    assert out[2, 3].tolist() == [178, 50, 50] and out[0, 0].tolist() == [100, 100, 100]
+    with pytest.raises(ValueError, match="does not match"):
+        data.heat_overlay(rgb, np.zeros((4, 4)))
