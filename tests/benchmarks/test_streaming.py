@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from benchmarks.streaming import make_stream, run
 
 
+@pytest.mark.slow
 def test_quick_run_reports_both_sides_and_targets() -> None:
     res = run(quick=True)
     json.dumps(res)  # JSON-serialisable for the runner

@@ -157,6 +157,17 @@ def test_late_learn_dropped_by_default_and_accepted_within_lateness() -> None:
         lenient.transform_one({"ts": 250.0, "k": "a"})  # 30.5 s behind
 
 
+def test_late_queries_on_categorical_windows_are_exact() -> None:
+    specs = [Window("c", by="k", agg=a, span=100, name=a) for a in ("distinct", "entropy", "seen")]
+    pipe = FeaturePipeline(specs, allowed_lateness=50)
+    for t, c in [(0.0, "x"), (10.0, "y"), (20.0, "x"), (90.0, "z")]:
+        pipe.process_one({"ts": t, "k": "a", "c": c})
+    late = pipe.transform_one({"ts": 60.0, "k": "a", "c": "z"})  # 30 s late: [−40, 60)
+    assert late["distinct"] == 2.0 and late["seen"] == 0.0
+    assert late["entropy"] == pytest.approx(-(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3))
+    assert pipe.stats()["windows"]["seen"]["late_queries"] == 1
+
+
 def test_too_late_query_raises_and_process_one_learns_nothing() -> None:
     spec = [Window("v", by="k", agg="sum", span=100, name="s")]
     pipe = FeaturePipeline(spec)

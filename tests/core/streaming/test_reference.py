@@ -99,7 +99,18 @@ def test_late_events_are_exact_or_counted(rows, lateness, delay) -> None:
     """Accepted late events are aggregated exactly; the others are dropped and counted."""
     specs = [
         Window("v", by="k", agg=a, span=SPAN, delay=delay, name=f"v.{a}")
-        for a in ("count", "mean", "std", "min", "max", "last", "last_gap", "distinct")
+        for a in (
+            "count",
+            "mean",
+            "std",
+            "min",
+            "max",
+            "last",
+            "last_gap",
+            "distinct",
+            "entropy",
+            "seen",
+        )
     ]
     events, t = [], 1_700_000_000.0
     for gap, key, v, back in rows:
