@@ -144,7 +144,8 @@ class FeaturePipeline:
         ready = [g.prepare(event, t) for g in groups]  # validates everything before any change
         for g, r in zip(groups, ready, strict=True):
             if r is not None:
-                g.query(r[0], r[1], t, out)
+                key, st, x = r
+                g.query(st if st is not None else g.state(key), x, t, out)
         if t > self.watermark:
             self.watermark = t
         self.n_transformed += 1
@@ -160,8 +161,9 @@ class FeaturePipeline:
         groups = self._groups
         ready = [g.prepare(event, t, query=False) for g in groups]
         for g, r in zip(groups, ready, strict=True):
-            if r is not None and r[1] is not None:
-                g.insert(r[0], (t, r[1]))
+            if r is not None and r[2] is not None:
+                key, st, x = r
+                g.insert(st if st is not None else g.state(key), (t, x))
         if t > self.watermark:
             self.watermark = t
         self.n_learned += 1
@@ -183,7 +185,8 @@ class FeaturePipeline:
             ready = [g.prepare(event, t) for g in groups]  # validate all before any change
             for g, r in zip(groups, ready, strict=True):
                 if r is not None:
-                    st, x = r
+                    key, st, x = r
+                    st = st if st is not None else g.state(key)
                     g.query(st, x, t, out)
                     if x is not None:
                         g.insert(st, (t, x))

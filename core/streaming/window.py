@@ -170,12 +170,12 @@ class WindowGroup:
     # ------------------------------------------------------------------ hot path
     def prepare(
         self, event: dict[str, Any], t: float, query: bool = True
-    ) -> tuple[KeyState, Any] | None:
-        """Validate ``event`` for this group: ``(state of its key, cleaned value)``.
+    ) -> tuple[Any, KeyState | None, Any] | None:
+        """Validate ``event`` for this group: ``(key, its state or None if new, clean value)``.
 
         ``None`` when the event has no key. The value is ``None`` when absent (or NaN). Raises
         ValueError for a bad key or value and, for a ``query`` in raise mode,
-        :class:`LateEventError` — both before anything changes.
+        :class:`LateEventError`; changes nothing (new keys get a state in :meth:`state`).
         """
         key = event.get(self.by)
         if key is None:
@@ -193,13 +193,18 @@ class WindowGroup:
             raise ValueError(
                 f"key field {self.by!r} must be hashable, got {type(key).__name__}"
             ) from None
+        if query and self.raise_late:
+            f = self.floor if st is None else st.f
+            if t - self.delay < f - self.lateness:
+                self._reject(key, t, f)
+        return key, st, x
+
+    def state(self, key: Any) -> KeyState:
+        """The state of ``key``, created empty if new."""
+        st = self.states.get(key)
         if st is None:
-            if query and self.raise_late and t - self.delay < self.floor - self.lateness:
-                self._reject(key, t, self.floor)
             st = self.states[key] = KeyState(self.floor, self.want_min, self.want_max, self.cat)
-        elif query and self.raise_late and t - self.delay < st.f - self.lateness:
-            self._reject(key, t, st.f)
-        return st, x
+        return st
 
     def _reject(self, key: Any, t: float, f: float) -> None:
         self.late_rejected += 1

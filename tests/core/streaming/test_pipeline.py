@@ -205,6 +205,7 @@ def test_learn_one_feeds_only_windows_whose_fields_are_present() -> None:
         ({"ts": 1.0, "k": "a", "v": "12.5"}, "must be a number"),
         ({"ts": 1.0, "k": "a", "v": math.inf}, "must be finite"),
         ({"ts": 1.0, "k": "a", "v": 1.0, "c": ["not", "hashable"]}, "hashable"),
+        ({"ts": 1.0, "k": "new", "v": 1.0, "c": {"a dict"}}, "hashable"),  # no state for "new"
         ({"ts": 1.0, "k": ["a"], "v": 1.0}, "key field 'k' must be hashable"),
         ({"k": "a", "v": 1.0}, "no time field 'ts'"),
         ({"ts": "yesterday", "k": "a", "v": 1.0}, "event time"),
