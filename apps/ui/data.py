@@ -870,6 +870,18 @@ def _stamp(p: Path) -> float:
     return _mtime(Path(p))
 
 
+@st.cache_data(ttl=10, show_spinner=False)
+def cached_outputs(kind: str, root: str) -> list[Path]:
+    """Output files/folders of one kind under ``root`` (walking a big PACS tree on every
+    interaction would make the pages sluggish; new outputs show up within 10 s)."""
+    finders = {
+        "fraud": find_fraud_files,
+        "medical": find_medical_batches,
+        "manufacturing": find_defect_csvs,
+    }
+    return finders[kind](Path(root))
+
+
 @st.cache_data(ttl=5, show_spinner=False)
 def cached_broker_state() -> BrokerState:
     return broker_state()

@@ -28,7 +28,7 @@ _TABLE_COLS = [
 
 
 def _from_replay() -> data.FraudData | None:
-    files = data.find_fraud_files()
+    files = data.cached_outputs("fraud", str(data.vigil_home()))
     labels = [data.relative(p) for p in files]
     choice = st.selectbox(
         "Replay results",

@@ -134,7 +134,7 @@ def _folder() -> None:
 
 
 def _batch_results() -> None:
-    csvs = data.find_defect_csvs()
+    csvs = data.cached_outputs("manufacturing", str(data.vigil_home()))
     if not csvs:
         st.info(
             f"No batch results yet — run `{data.HINTS['manufacturing']}` (or `{data.HINTS['demo']}`)."

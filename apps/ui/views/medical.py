@@ -160,7 +160,7 @@ def _report(study: data.StudyOutput) -> None:
 
 def render() -> None:
     st.title("Medical")
-    batches = data.find_medical_batches()
+    batches = data.cached_outputs("medical", str(data.vigil_home()))
     labels = [data.relative(b) for b in batches]
     choice = st.selectbox(
         "Batch output",
