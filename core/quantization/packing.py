@@ -120,18 +120,17 @@ def dequantize(
     """Codes ``(rows, K)`` -> float weight ``(rows, K)`` in ``dtype`` (computed in fp32)."""
     rows, k = q.shape
     n_groups = scales.shape[1]
-    qf = q.float()
+    w = q.float()  # a fresh tensor: the products below are done in place on it
     if n_groups * group_size == k:  # the common case: a free view, no index expansion
-        w = qf.view(rows, n_groups, group_size) * scales.float().unsqueeze(-1)
+        wv = w.view(rows, n_groups, group_size).mul_(scales.float().unsqueeze(-1))
         if zeros is not None:
-            w = w + zeros.float().unsqueeze(-1)
-        w = w.view(rows, k)
+            wv.add_(zeros.float().unsqueeze(-1))
     else:  # short last group: expand the per-group parameters to per-element
         idx = torch.arange(k, device=q.device) // group_size
-        w = qf * scales.float()[:, idx]
+        w.mul_(scales.float()[:, idx])
         if zeros is not None:
-            w = w + zeros.float()[:, idx]
-    return w.to(dtype)
+            w.add_(zeros.float()[:, idx])
+    return w if dtype == torch.float32 else w.to(dtype)
 
 
 def pack_int4(q: Tensor) -> Tensor:

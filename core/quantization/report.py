@@ -214,7 +214,6 @@ class QuantizationReport:
 
 def _log_model(model: nn.Module, name: str, example_input: Tensor | None) -> dict[str, Any]:
     from core import tracking
-    from core.quantization.io import save_compressed
 
     fallbacks: list[str] = []
     # Pinning the requirement skips MLflow's slow import-tracing inference of dependencies.
@@ -237,13 +236,27 @@ def _log_model(model: nn.Module, name: str, example_input: Tensor | None) -> dic
             model, name, serialization_format="pickle", pip_requirements=reqs
         )
         result = {"format": "pickle", "uri": uri, "fallbacks": fallbacks}
-    except Exception as e:
+    except Exception as e:  # unpicklable by MLflow's flavour: keep the weights at least
         fallbacks.append(f"pickle: {type(e).__name__}: {e}"[:400])
-        with tempfile.TemporaryDirectory() as d:
-            path = save_compressed(model, Path(d) / f"{name}.vqz")
-            tracking.log_artifact(path, artifact_path=name)
-        result = {"format": "vigil-compressed-file", "uri": f"{name}/{name}.vqz",
-                  "fallbacks": fallbacks}  # fmt: skip
+        result = _log_files(model, name, fallbacks)
     for f in fallbacks:
         log.warning("MLflow model logging fell back: %s", f)
     return result
+
+
+def _log_files(model: nn.Module, name: str, fallbacks: list[str]) -> dict[str, Any]:
+    """Last resorts: the Vigil compressed file (module + checksum), else the bare state_dict."""
+    from core import tracking
+    from core.quantization.io import save_compressed
+
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            path = save_compressed(model, Path(d) / f"{name}.vqz")
+            fmt = "vigil-compressed-file"
+        except Exception as e:
+            fallbacks.append(f"vigil-compressed-file: {type(e).__name__}: {e}"[:400])
+            path = Path(d) / f"{name}.state_dict.pt"
+            torch.save(model.state_dict(), path)
+            fmt = "state_dict"
+        tracking.log_artifact(path, artifact_path=name)
+    return {"format": fmt, "uri": f"{name}/{path.name}", "fallbacks": fallbacks}

@@ -10,7 +10,7 @@ from torch import nn
 
 from core.quantization import (
     Int8DynamicLinear,
-    OrtInt8Module,
+    OrtModule,
     Quantizer,
     dynamic_int8,
     load_compressed,
@@ -96,7 +96,7 @@ def test_ort_backend_with_keyword_inputs_and_dynamic_batch() -> None:
     example = {"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7)}
     example["attention_mask"] = example["attention_mask"].long()
     ort = dynamic_int8(enc, example, backend="ort")
-    assert isinstance(ort, OrtInt8Module)
+    assert isinstance(ort, OrtModule)
     other = {
         "input_ids": torch.randint(0, 100, (5, 11)),
         "attention_mask": torch.ones(5, 11).long(),

@@ -208,3 +208,13 @@ def test_trained_classifier_int8_loses_at_most_one_point(digits_classifier) -> N
     assert results[8] >= -1.0
     assert results[4] >= -10.0  # reported; INT4 must stay far above chance (10%)
     assert isinstance(rep, QuantizationReport)
+
+
+def test_import_needs_only_torch_and_numpy() -> None:
+    import subprocess
+    import sys
+
+    heavy = ["onnxruntime", "onnx", "torchao", "mlflow", "transformers", "sklearn", "pandas"]
+    code = f"import sys, core.quantization; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -88,3 +89,17 @@ def test_log_to_mlflow_falls_back_from_pt2_and_says_so(mlflow_store) -> None:
     rep2 = QuantizationReport.compare(model, packed, x, repeats=1)
     info2 = rep2.log_to_mlflow(packed, example_input=x)["model_logging"]
     assert info2["format"] == "pt2", info2["fallbacks"]
+
+    unpicklable = Quantizer(model, bits=8).compress()
+    unpicklable.lock = threading.Lock()  # neither MLflow (cloudpickle) nor torch.save pickle it
+    rep3 = QuantizationReport.compare(model, unpicklable, x, repeats=1)
+    info3 = rep3.log_to_mlflow(unpicklable)["model_logging"]
+    assert info3["format"] == "state_dict"
+    assert [f.split(":")[0] for f in info3["fallbacks"]] == [
+        "pt2",
+        "pickle",
+        "vigil-compressed-file",
+    ]
+    run_id = mlflow.last_active_run().info.run_id
+    files = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "quantized_model")]
+    assert files == ["quantized_model/quantized_model.state_dict.pt"]
