@@ -715,19 +715,39 @@ def load_volume_file(path: Path) -> SliceStack:
         )
 
 
-def load_volume_from_pacs(pacs_dir: Path, study_key: str) -> SliceStack:
-    """Rebuild a study's slices from its PACS export (the batch job's own ingestion, acquired
-    grid, no model). Raises ``ValueError`` when the study or a usable series is not there."""
+def load_volume_from_pacs(
+    pacs_dir: Path, study_key: str, detector: Any | None = None
+) -> SliceStack:
+    """Rebuild a study's slices from its PACS export with the batch job's own ingestion.
+
+    Without a detector: the acquired grid, no heat map. With one (a loaded
+    :class:`apps.medical.service.MedicalService`): the model's grid and its heat map, the same
+    inference the batch job ran (nothing is trained). Raises ``ValueError`` when the study or a
+    usable series is not there.
+    """
     from apps.medical import pacs
 
     scan = pacs.scan_folder(Path(pacs_dir))
     study = next((s for s in scan.studies.values() if s.key == study_key), None)
     if study is None:
         raise ValueError(f"study {study_key} is not in {pacs_dir}")
-    vols = pacs.load_study_volumes(study, spacing=None, result=scan)
+    spacing = None
+    if detector is not None:
+        sp = float(detector.model.spacing_mm)
+        spacing = (sp, sp, sp)
+    vols = pacs.load_study_volumes(study, spacing=spacing, result=scan)
     if not vols:
         raise ValueError(f"study {study_key} has no usable CT series in {pacs_dir}")
-    return SliceStack.from_ras(vols[0].array, vols[0].affine, source=str(pacs_dir))
+    heat = detector.detect(vols[0])[1] if detector is not None else None
+    return SliceStack.from_ras(vols[0].array, vols[0].affine, heat, source=str(pacs_dir))
+
+
+def guess_detectors(batch: Path) -> list[str]:
+    """Detector state files next to a batch output (the demo trains one beside it)."""
+    out: list[str] = []
+    for base in (batch.parent, batch.parent.parent):
+        out += [str(p) for p in sorted(base.glob("*.pt")) if str(p) not in out]
+    return out
 
 
 def guess_pacs_dirs(batch: Path) -> list[Path]:
@@ -922,9 +942,18 @@ def cached_volume_file(path: str, stamp: float) -> SliceStack:
     return load_volume_file(Path(path))
 
 
+@st.cache_resource(show_spinner="Loading the nodule detector…", max_entries=2)
+def cached_medical_service(source: str) -> Any:
+    """A model snapshot for the heat map: a state file, or ``champion`` for the registered one."""
+    from apps.medical.service import MedicalService
+
+    return MedicalService.load(None if source == "champion" else source)
+
+
 @st.cache_resource(show_spinner="Rebuilding slices from the PACS export…", max_entries=4)
-def cached_volume_from_pacs(pacs_dir: str, study_key: str) -> SliceStack:
-    return load_volume_from_pacs(Path(pacs_dir), study_key)
+def cached_volume_from_pacs(pacs_dir: str, study_key: str, detector: str | None) -> SliceStack:
+    service = cached_medical_service(detector) if detector else None
+    return load_volume_from_pacs(Path(pacs_dir), study_key, service)
 
 
 def iter_chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:

@@ -69,21 +69,33 @@ def _stack(study: data.StudyOutput, batch: Path) -> data.SliceStack | None:
         help="No volume is stored with the report: the slices are rebuilt from the source "
         "export with the batch job's own ingestion.",
     )
+    detectors = [*data.guess_detectors(batch), "champion"]
+    detector = st.selectbox(
+        "Heat map from",
+        ["none", *detectors],
+        index=1 if len(detectors) > 1 else 0,
+        key="med_detector",
+        help="Runs the detector on the rebuilt volume (inference only); `champion` = the "
+        "registered model.",
+    )
     flag = f"med_loaded::{study.key}"
     if st.button("Load slices", key="med_load", disabled=not pacs_dir.strip()):
-        st.session_state[flag] = pacs_dir.strip()
+        st.session_state[flag] = (pacs_dir.strip(), None if detector == "none" else detector)
     if st.session_state.get(flag) is None:
-        st.caption("Slices are rebuilt on request (a few seconds per study).")
+        st.caption("Slices are rebuilt on request (seconds per study; more with a heat map).")
         return None
-    root = Path(st.session_state[flag]).expanduser()
+    root_s, det = st.session_state[flag]
+    root = Path(root_s).expanduser()
     if not root.is_dir():
         st.error(f"`{root}` is not a folder.")
         return None
     try:
-        return data.cached_volume_from_pacs(str(root), study.key)
+        return data.cached_volume_from_pacs(str(root), study.key, det)
     except ValueError as exc:
         st.error(str(exc))
-        return None
+    except Exception as exc:  # e.g. no champion registered: say so instead of a traceback
+        st.error(f"could not rebuild the slices: {exc}")
+    return None
 
 
 def _slice_viewer(study: data.StudyOutput, batch: Path) -> None:
