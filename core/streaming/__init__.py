@@ -26,6 +26,11 @@ Conventions
   ``late_accepted``; an older one is dropped and counted as ``late_dropped``. A *query* up to
   ``allowed_lateness`` behind ``f`` is answered exactly from retained items; an older one
   raises :class:`LateEventError` (or yields NaN with ``on_late="nan"``). See ``stats()``.
+  Lateness is judged per key, so streams need only be ordered per key (e.g. per Kafka key).
+  ``expire(now)`` moves every key to ``now`` and frees the keys whose windows are empty.
+* **Values.** Numeric aggregates need real numbers (bool counts as 0/1); ±inf, strings or
+  unhashable values raise ValueError before anything changes. Statistics are exact up to
+  rounding: compensated (TwoSum) running sums, so removals leave no residue.
 * **Empty windows.** count, sum, distinct, entropy and seen give 0.0; mean, std, var, min,
   max, last and last_gap give NaN; std/var use ``ddof=1`` (NaN for a single event).
   entropy is in nats; last_gap is ``t`` minus the time of the newest visible event.
