@@ -1,0 +1,575 @@
+"""The streaming fraud-scoring service: ``transactions`` + ``labels`` → ``scores``/``alerts``.
+
+Partitioning. Producers key transactions *and* labels by card id, and both topics have the same
+number of partitions, so a card's transactions and its labels land in the same partition
+number. The consumer subscribes to both topics with the range assignor, which hands a member
+the same partition numbers of both topics (co-partitioning, as in Kafka Streams). Every input
+partition has its own scorer (model + feature windows + pending labels + threshold), so a
+partition's state depends only on its own records and moves with it on a rebalance.
+
+Determinism. Within a partition, labels are applied in event time: before a transaction at
+time ``t`` is scored, every label with ``available_ts <= t`` is learned, and if the label
+buffer is empty while the ``labels`` partition has unread records, scoring waits for them. The
+same input therefore gives the same state, whatever the poll timing, restarts or rebalances.
+
+Delivery. Outputs of a poll batch are flushed before anything is committed; committed offsets
+and checkpoints (``checkpoint.py``) only ever cover records whose outputs were produced. A
+failed delivery rewinds every partition to its last checkpoint. After a crash, restart resumes
+from the checkpoint: no event is lost, outputs may repeat (keyed by transaction id).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kafka import ConsumerRebalanceListener
+
+from apps.finance.stream.checkpoint import Checkpoint, CheckpointStore
+from apps.finance.stream.ops import Every, Prequential, ServiceMetrics
+from apps.finance.stream.schema import Label, Rejected, Valid, parse_label, validate
+from apps.finance.stream.scorer import ComponentScorer, ScorerConfig, make_scorer
+
+log = logging.getLogger("vigil.fraud.serve")
+
+
+@dataclass(frozen=True)
+class Topics:
+    transactions: str = "transactions"
+    labels: str = "labels"
+    scores: str = "scores"
+    alerts: str = "alerts"
+    dlq: str = "transactions.dlq"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything ``vigil fraud serve`` can set; the constructor validates it."""
+
+    bootstrap: str
+    checkpoint_dir: Path
+    group_id: str = "vigil-fraud"
+    topics: Topics = field(default_factory=Topics)
+    partitions: int = 4  # used only when the service creates the topics
+    checkpoint_every: int = 5_000  # events per partition
+    checkpoint_seconds: float = 30.0
+    poll_ms: int = 100
+    max_buffer: int = 5_000  # buffered records per partition before it is paused
+    idle_exit_s: float | None = None  # stop after this long with nothing to do (tests, demo)
+    metrics_port: int | None = None
+    mlflow_every_s: float | None = None
+    warm_start: str | None = None  # registered model name whose `champion` seeds new partitions
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.bootstrap:
+            raise ValueError("bootstrap servers must be given")
+        if self.partitions < 1:
+            raise ValueError(f"partitions must be >= 1, got {self.partitions}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if not self.checkpoint_seconds > 0:
+            raise ValueError(f"checkpoint_seconds must be > 0, got {self.checkpoint_seconds}")
+        if not 1 <= self.poll_ms <= 10_000:
+            raise ValueError(f"poll_ms must be in 1..10000, got {self.poll_ms}")
+        if self.max_buffer < 1:
+            raise ValueError(f"max_buffer must be >= 1, got {self.max_buffer}")
+        if self.idle_exit_s is not None and not self.idle_exit_s > 0:
+            raise ValueError(f"idle_exit_s must be > 0, got {self.idle_exit_s}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.mlflow_every_s is not None and not self.mlflow_every_s > 0:
+            raise ValueError(f"mlflow_every_s must be > 0, got {self.mlflow_every_s}")
+
+
+class DeliveryError(RuntimeError):
+    """Outputs could not be produced; the service rewinds to its checkpoints."""
+
+
+@dataclass
+class _Part:
+    """One owned input partition: its scorer, buffered records and next offsets."""
+
+    partition: int
+    scorer: ComponentScorer
+    tx_next: int | None  # next transactions offset to process (None = from the beginning)
+    label_next: int | None  # next labels offset to apply
+    tx: deque[tuple[Any, Valid | Rejected]] = field(default_factory=deque)
+    labels: deque[tuple[Any, Label | None]] = field(default_factory=deque)
+    events: int = 0
+    since_checkpoint: int = 0
+
+
+class FraudService:
+    """Consume, validate, score, produce, learn from labels, checkpoint; see the module doc."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        scorer_factory: Callable[[], ComponentScorer] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = ServiceMetrics()
+        self.store = CheckpointStore(Path(config.checkpoint_dir))
+        self._factory = scorer_factory or (lambda: make_scorer(config.scorer))
+        self._stop = threading.Event()
+        self.parts: dict[int, _Part] = {}
+        self.quality = Prequential()
+        self._champion: tuple[bytes, str] | None = None
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._raw_producer: Any = None
+        self._pending_lat: list[float] = []
+        self._futures: list[Any] = []
+        self._end_cache: dict[Any, tuple[float, int]] = {}
+        self.http: Any = None
+        self.scored = 0
+        self.dlq = 0
+        self.alerts = 0
+        self.rewinds = 0
+        self._assigned_at = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        """Ask the loop to finish (thread- and signal-safe); it checkpoints on the way out."""
+        self._stop.set()
+
+    def run(self) -> dict[str, Any]:
+        """Serve until :meth:`stop` (SIGTERM) or ``idle_exit_s``; returns a summary."""
+        from core import broker
+
+        cfg, t = self.config, self.config.topics
+        broker.create_topics(cfg.bootstrap, [t.transactions, t.labels], partitions=cfg.partitions)
+        broker.create_topics(cfg.bootstrap, [t.scores, t.alerts, t.dlq], partitions=cfg.partitions)
+        self._check_copartitioned()
+        if cfg.warm_start:
+            self._load_champion(cfg.warm_start)
+        if cfg.metrics_port is not None:
+            self.http = self.metrics.serve_http(cfg.metrics_port)
+        self._factory()  # imports river & co. now, not inside a rebalance callback
+        self._producer = broker.make_producer(cfg.bootstrap, linger_ms=1)
+        self._raw_producer = broker.make_producer(cfg.bootstrap, json_values=False, linger_ms=1)
+        self._consumer = self._make_consumer()
+        started = time.monotonic()
+        try:
+            if cfg.mlflow_every_s is not None:
+                from core import tracking
+
+                with tracking.start_run("finance", run_name=f"fraud-serve-{cfg.group_id}"):
+                    tracking.log_params({"group_id": cfg.group_id, **vars(cfg.scorer)})
+                    self._loop(Every(cfg.mlflow_every_s))
+                    self._log_mlflow(time.monotonic() - started)
+            else:
+                self._loop(None)
+        finally:
+            self._shutdown()
+        return self.summary(time.monotonic() - started)
+
+    def summary(self, elapsed: float = 0.0) -> dict[str, Any]:
+        return {
+            "scored": self.scored,
+            "alerts": self.alerts,
+            "dlq": self.dlq,
+            "rewinds": self.rewinds,
+            "partitions": sorted(self.parts),
+            "events_per_s": round(self.scored / elapsed, 1) if elapsed > 0 else 0.0,
+            **{f"quality_{k}": round(v, 4) for k, v in self.quality.summary().items()},
+        }
+
+    def _make_consumer(self) -> Any:
+        from kafka.coordinator.assignors.range import RangePartitionAssignor
+
+        from core import broker
+
+        cfg = self.config
+        consumer = broker.make_consumer(
+            cfg.bootstrap,
+            group_id=cfg.group_id,
+            json_values=False,
+            max_poll_records=500,
+            # range: a member gets the same partition numbers of both co-partitioned topics
+            partition_assignment_strategy=[RangePartitionAssignor],
+        )
+        consumer.subscribe([cfg.topics.transactions, cfg.topics.labels], listener=_Listener(self))
+        return consumer
+
+    def _check_copartitioned(self) -> None:
+        from kafka import KafkaConsumer
+
+        t = self.config.topics
+        probe = KafkaConsumer(bootstrap_servers=self.config.bootstrap)
+        try:
+            n_tx = len(probe.partitions_for_topic(t.transactions) or ())
+            n_lab = len(probe.partitions_for_topic(t.labels) or ())
+        finally:
+            probe.close()
+        if n_tx != n_lab:
+            raise ValueError(
+                f"{t.transactions!r} has {n_tx} partitions but {t.labels!r} has {n_lab}: "
+                "they must match (both are keyed by card id)"
+            )
+
+    def _load_champion(self, name: str) -> None:
+        from core import tracking
+
+        version = tracking.champion_version(name)
+        if version is None:
+            log.warning("no champion registered for %r; starting from a fresh model", name)
+            return
+        obj = tracking.load_champion(name)
+        probe = self._factory()
+        probe.warm_start(obj, version)
+        self._champion = (probe.snapshot(), version)
+        self.metrics.model.info({"version": version, "source": f"models:/{name}@champion"})
+        log.info("warm start from %s version %s", name, version, extra={"model_version": version})
+
+    # ------------------------------------------------------------------ partitions
+    def _assign(self, partitions: list[int]) -> None:
+        from kafka import TopicPartition
+
+        t = self.config.topics
+        for p in partitions:
+            if p in self.parts:
+                continue
+            scorer = self._factory()
+            ck = self.store.load(p)
+            tx_tp, lab_tp = TopicPartition(t.transactions, p), TopicPartition(t.labels, p)
+            if ck is not None:
+                scorer.restore(ck.scorer)
+                part = _Part(p, scorer, ck.tx_offset, ck.label_offset, events=ck.events)
+                log.info(
+                    "partition %d restored at offsets tx=%s labels=%s",
+                    p,
+                    ck.tx_offset,
+                    ck.label_offset,
+                    extra={"partition": p, "events": ck.events},
+                )
+            else:
+                if self._champion is not None:
+                    scorer.restore(self._champion[0])
+                # no checkpoint: rebuild the partition's state from its first retained record
+                part = _Part(p, scorer, None, None)
+                log.info("partition %d starts fresh", p, extra={"partition": p})
+            for tp, off in ((tx_tp, part.tx_next), (lab_tp, part.label_next)):
+                if off is None:
+                    self._consumer.seek_to_beginning(tp)
+                else:
+                    self._consumer.seek(tp, off)
+            self.parts[p] = part
+            self.metrics.model.info({"version": scorer.model_version})
+        self.metrics.partitions.set(len(self.parts))
+        self._assigned_at = time.monotonic()
+
+    def _revoke(self, partitions: list[int]) -> None:
+        for p in partitions:
+            part = self.parts.get(p)
+            if part is None:
+                continue
+            try:
+                self._flush()
+                self._checkpoint(part)
+            except DeliveryError:
+                log.warning(
+                    "partition %d revoked with undelivered outputs; its checkpoint stays", p
+                )
+            del self.parts[p]
+        self.metrics.partitions.set(len(self.parts))
+
+    def _checkpoint(self, part: _Part) -> None:
+        if part.tx_next is None and part.label_next is None:
+            return  # nothing consumed: the fresh state needs no file
+        t = self.config.topics
+        self.store.save(
+            Checkpoint(
+                part.partition,
+                self._offset(t.transactions, part.partition, part.tx_next),
+                self._offset(t.labels, part.partition, part.label_next),
+                part.scorer.snapshot(),
+                part.events,
+            )
+        )
+        part.since_checkpoint = 0
+        self.metrics.checkpoints.inc()
+
+    def _offset(self, topic: str, partition: int, value: int | None) -> int:
+        """``value``, or the partition's first retained offset when nothing was read yet."""
+        if value is not None:
+            return value
+        from kafka import TopicPartition
+
+        tp = TopicPartition(topic, partition)
+        return int(self._consumer.beginning_offsets([tp]).get(tp, 0))
+
+    def _rewind(self) -> None:
+        """Undelivered outputs: drop all in-memory state and restart from the checkpoints."""
+        self.rewinds += 1
+        owned = sorted(self.parts)
+        self.parts.clear()
+        self._futures.clear()
+        self._pending_lat.clear()
+        log.warning("delivery failed; rewinding partitions %s to their checkpoints", owned)
+        self._assign(owned)
+
+    # ------------------------------------------------------------------ main loop
+    def _loop(self, mlflow_every: Every | None) -> None:
+        cfg = self.config
+        consumer = self._consumer
+        ck_timer = Every(cfg.checkpoint_seconds)
+        lag_timer = Every(1.0)
+        last_work = time.monotonic()
+        started = time.monotonic()
+        while not self._stop.is_set():
+            batch = consumer.poll(timeout_ms=cfg.poll_ms)
+            got = 0
+            for tp, records in batch.items():
+                part = self.parts.get(tp.partition)
+                if part is None:
+                    continue
+                got += len(records)
+                if tp.topic == cfg.topics.transactions:
+                    part.tx.extend((r, validate(r.value, r.key)) for r in records)
+                else:
+                    part.labels.extend((r, parse_label(r.value)) for r in records)
+            done = sum(self._process(part) for part in list(self.parts.values()))
+            try:
+                if done:
+                    self._flush()
+                    self._commit()
+                for part in list(self.parts.values()):
+                    if part.since_checkpoint >= cfg.checkpoint_every:
+                        self._checkpoint(part)
+                if ck_timer():
+                    for part in list(self.parts.values()):
+                        if part.since_checkpoint:
+                            self._checkpoint(part)
+            except DeliveryError as exc:
+                log.warning("%s", exc)
+                self._rewind()
+                continue
+            self._flow_control()
+            if lag_timer():
+                self._update_lag()
+            if mlflow_every is not None and mlflow_every():
+                self._log_mlflow(time.monotonic() - started)
+            if got or done or self._assigned_at > last_work:
+                last_work = time.monotonic()
+            elif (
+                cfg.idle_exit_s is not None
+                and self._assigned_at  # the group join itself takes seconds
+                and time.monotonic() - last_work > cfg.idle_exit_s
+            ):
+                log.info("idle for %.1fs; stopping", cfg.idle_exit_s)
+                break
+
+    def _process(self, part: _Part) -> int:
+        """Score what can be scored in ``part``; returns how many records were consumed."""
+        t = self.config.topics
+        n = 0
+        while part.tx:
+            rec, checked = part.tx[0]
+            if isinstance(checked, Rejected):
+                self._to_dlq(rec, checked.reason, checked.detail)
+            else:
+                event = checked.event
+                if not self._apply_labels(part, event["ts"]):
+                    break  # labels for this event time are not read yet
+                try:
+                    res = part.scorer.score(event)
+                except ValueError as exc:  # the feature layer refused it
+                    self._to_dlq(rec, "rejected_by_features", str(exc)[:200])
+                else:
+                    out = {
+                        "tx_id": res.tx_id,
+                        "card_id": event["card_id"],
+                        "ts": event["ts"],
+                        "score": res.score,
+                        "alert": res.alert,
+                        "threshold": res.threshold,
+                        "model_version": res.model_version,
+                        "partition": rec.partition,
+                        "offset": rec.offset,
+                        "in_ts_ms": rec.timestamp,
+                    }
+                    self._futures.append(self._producer.send(t.scores, key=res.tx_id, value=out))
+                    if res.alert:
+                        self._futures.append(
+                            self._producer.send(t.alerts, key=res.tx_id, value=out)
+                        )
+                        self.alerts += 1
+                        self.metrics.alerts.inc()
+                    self._pending_lat.append(rec.timestamp / 1000.0)
+                    self.quality.scored_one(res.tx_id, res.score, res.alert)
+                    self.scored += 1
+                    part.events += 1
+                    part.since_checkpoint += 1
+                    self.metrics.events.labels(str(part.partition)).inc()
+                    self.metrics.threshold.labels(str(part.partition)).set(res.threshold)
+            part.tx.popleft()
+            part.tx_next = rec.offset + 1
+            n += 1
+        return n
+
+    def _apply_labels(self, part: _Part, ts: float) -> bool:
+        """Learn every buffered label available by event time ``ts``; False = must wait."""
+        while True:
+            if not part.labels:
+                return not self._labels_behind(part)
+            rec, label = part.labels[0]
+            if label is None:
+                self._to_dlq(rec, "bad_label", "not a valid label message")
+            elif label.available_ts <= ts:
+                joined = part.scorer.learn(label.tx_id, label.is_fraud)
+                self.metrics.labels.labels("yes" if joined else "no").inc()
+                self.quality.labelled(label.tx_id, label.is_fraud)
+            else:
+                return True
+            part.labels.popleft()
+            part.label_next = rec.offset + 1
+
+    def _labels_behind(self, part: _Part) -> bool:
+        """Whether the ``labels`` partition has records we have not read yet."""
+        from kafka import TopicPartition
+
+        tp = TopicPartition(self.config.topics.labels, part.partition)
+        end = self._consumer.highwater(tp)
+        if end is None:
+            now = time.monotonic()
+            cached = self._end_cache.get(tp)
+            if cached is None or now - cached[0] > 0.5:
+                end = self._consumer.end_offsets([tp]).get(tp, 0)
+                self._end_cache[tp] = (now, end)
+            else:
+                end = cached[1]
+        position = self._consumer.position(tp) if part.label_next is None else part.label_next
+        return bool(position is not None and end > position)
+
+    def _to_dlq(self, rec: Any, reason: str, detail: str) -> None:
+        """Forward the original bytes untouched; the reason travels in the headers."""
+        headers = [
+            ("vigil.dlq.reason", reason.encode()),
+            ("vigil.dlq.detail", detail.encode("utf-8", "replace")),
+            ("vigil.dlq.source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode()),
+        ]
+        self._futures.append(
+            self._raw_producer.send(
+                self.config.topics.dlq, key=rec.key, value=rec.value, headers=headers
+            )
+        )
+        self.dlq += 1
+        self.metrics.dlq.labels(reason).inc()
+        log.info(
+            "dead-lettered %s/%s/%s: %s",
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            reason,
+            extra={"reason": reason},
+        )
+
+    def _flush(self) -> None:
+        if not self._futures:
+            return
+        self._producer.flush()
+        self._raw_producer.flush()
+        failed = [f for f in self._futures if f.failed()]
+        self._futures.clear()
+        if failed:
+            self._pending_lat.clear()
+            raise DeliveryError(f"{len(failed)} outputs not delivered: {failed[0].exception}")
+        now = time.time()
+        for ts in self._pending_lat:
+            self.metrics.latency.observe(max(0.0, now - ts))
+        self._pending_lat.clear()
+
+    def _commit(self) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        t = self.config.topics
+        offsets = {}
+        for p, part in self.parts.items():
+            if part.tx_next is not None:
+                offsets[TopicPartition(t.transactions, p)] = OffsetAndMetadata(part.tx_next, "", -1)
+            if part.label_next is not None:
+                offsets[TopicPartition(t.labels, p)] = OffsetAndMetadata(part.label_next, "", -1)
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets)
+        except Exception as exc:  # a rebalance in progress; checkpoints hold the truth
+            log.warning("offset commit failed: %s", exc)
+
+    def _flow_control(self) -> None:
+        from kafka import TopicPartition
+
+        t, limit = self.config.topics, self.config.max_buffer
+        for p, part in self.parts.items():
+            for topic, buf in ((t.transactions, part.tx), (t.labels, part.labels)):
+                tp = TopicPartition(topic, p)
+                if len(buf) >= limit:
+                    self._consumer.pause(tp)
+                elif len(buf) < limit // 2:
+                    self._consumer.resume(tp)
+
+    def _update_lag(self) -> None:
+        from kafka import TopicPartition
+
+        t = self.config.topics
+        for p, part in self.parts.items():
+            for topic, nxt in ((t.transactions, part.tx_next), (t.labels, part.label_next)):
+                end = self._consumer.highwater(TopicPartition(topic, p))
+                if end is not None:
+                    self.metrics.lag.labels(topic, str(p)).set(max(0, end - (nxt or 0)))
+
+    def _log_mlflow(self, elapsed: float) -> None:
+        from core import tracking
+
+        m = self.quality.summary()
+        m["events_per_s"] = self.scored / elapsed if elapsed > 0 else 0.0
+        m["dlq"] = float(self.dlq)
+        try:
+            tracking.log_metrics(m, step=self.scored)
+        except Exception as exc:  # tracking must never stop scoring
+            log.warning("MLflow logging failed: %s", exc)
+
+    def _shutdown(self) -> None:
+        try:
+            if self._consumer is not None and self._producer is not None:
+                try:
+                    self._flush()
+                    self._commit()
+                    for part in list(self.parts.values()):
+                        self._checkpoint(part)
+                except DeliveryError as exc:
+                    log.warning("shutdown with undelivered outputs (%s); checkpoints stay", exc)
+        finally:
+            for client in (self._consumer, self._producer, self._raw_producer):
+                if client is not None:
+                    try:
+                        client.close()
+                    except Exception as exc:  # closing must not mask the real error
+                        log.warning("close failed: %s", exc)
+            if self.http is not None:
+                self.http.shutdown()
+            log.info("stopped", extra=self.summary())
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Checkpoint on revoke, restore + seek on assign (kafka-python rebalance callbacks)."""
+
+    def __init__(self, service: FraudService) -> None:
+        self.service = service
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        t = self.service.config.topics.transactions
+        self.service._revoke(sorted({tp.partition for tp in revoked if tp.topic == t}))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        t = self.service.config.topics.transactions
+        self.service._assign(sorted({tp.partition for tp in assigned if tp.topic == t}))
