@@ -113,7 +113,16 @@ def _threshold_chart(ev: pd.DataFrame) -> None:
 
 def render() -> None:
     st.title("Fraud")
-    source = st.radio("Source", ["Replay file", "Live topics"], horizontal=True, key="fraud_source")
+    # live by default only when there is nothing to replay but a broker to read from
+    no_files = not data.cached_outputs("fraud", str(data.vigil_home()))
+    live_first = no_files and data.cached_broker_state().reachable
+    source = st.radio(
+        "Source",
+        ["Replay file", "Live topics"],
+        index=1 if live_first else 0,
+        horizontal=True,
+        key="fraud_source",
+    )
     fd = _from_replay() if source == "Replay file" else _from_topics()
     if fd is None or fd.events.empty:
         if fd is not None:

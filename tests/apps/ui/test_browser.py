@@ -157,10 +157,5 @@ def test_every_page_in_a_real_browser(ui_server: str, tmp_path: Path) -> None:
             _check(page, "runs")
         finally:
             browser.close()
-    assert sorted(p.stem for p in ARTIFACTS.glob("*.png")) >= [
-        "fraud",
-        "home",
-        "manufacturing",
-        "medical",
-        "runs",
-    ]
+    pages = {"home", "fraud", "medical", "manufacturing", "runs"}
+    assert pages <= {p.stem for p in ARTIFACTS.glob("*.png")}

@@ -107,7 +107,7 @@ def test_live_topics_from_the_broker(
     monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP", broker)
 
     at = open_page("fraud")
-    at.radio(key="fraud_source").set_value("Live topics").run()
+    assert at.radio(key="fraud_source").value == "Live topics"  # nothing to replay: live first
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, texts(at.error) + texts(at.info)
     assert _metric(at, "Events") == "80", texts(at.info)
