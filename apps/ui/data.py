@@ -280,6 +280,10 @@ FRAUD_ALIASES: dict[str, tuple[str, ...]] = {
     "label": ("label", "is_fraud", "TX_FRAUD", "y", "fraud"),
 }
 FRAUD_COLUMNS = (*FRAUD_ALIASES, "features")
+#: Bookkeeping fields of the scorer's messages: numbers, but not features of the transaction.
+FRAUD_META = frozenset(
+    {"partition", "offset", "in_ts_ms", "model_version", "day", "step", "scenario", "is_fraud"}
+)
 _RECORD_KEYS = ("scores", "records", "events", "results", "predictions", "transactions")
 
 
@@ -318,7 +322,7 @@ def normalize_fraud_records(records: Iterable[Mapping[str, Any]]) -> pd.DataFram
     Records without a usable score are dropped; ``features`` keeps the feature dict (or the
     numeric fields that are not canonical columns) for the drill-down.
     """
-    known = {n for names in FRAUD_ALIASES.values() for n in names}
+    known = {n for names in FRAUD_ALIASES.values() for n in names} | FRAUD_META
     rows = []
     for r in records:
         if not isinstance(r, Mapping):

@@ -207,7 +207,11 @@ def render() -> None:
                 key="fraud_features",
             )
         else:
-            st.caption("This source carries no feature values for the transaction.")
+            st.caption(
+                "This source carries no feature values for the transaction (the live `scores` "
+                "topic has score, threshold and model version only); a replay results file "
+                "keeps the features behind every score."
+            )
 
     # --- distributions and threshold over time
     st.subheader("Scores and threshold")

@@ -24,7 +24,18 @@ def test_fraud_records_in_other_spellings_are_normalised() -> None:
                 "TX_FRAUD": 1,
                 "card_count_1d": 4,
             },
-            {"tx_id": "b", "card_id": "x", "ts": 1_522_580_400_000, "score": 0.1, "threshold": 0.5},
+            {
+                "tx_id": "b",
+                "card_id": "x",
+                "ts": 1_522_580_400_000,
+                "score": 0.1,
+                "threshold": 0.5,
+                "alert": False,
+                "model_version": "3",
+                "partition": 0,
+                "offset": 17,
+                "in_ts_ms": 1,
+            },
             {"tx_id": "no-score"},
             {"score": float("nan")},
         ]
@@ -35,6 +46,7 @@ def test_fraud_records_in_other_spellings_are_normalised() -> None:
     assert first["features"] == {"card_count_1d": 4}  # non-canonical numbers are the features
     assert df.iloc[1]["ts"] == pytest.approx(1_522_580_400.0)  # Kafka ms -> s
     assert not df.iloc[1]["alert"] and pd.isna(df.iloc[1]["label"])
+    assert df.iloc[1]["features"] == {}  # the scorer's bookkeeping is not a feature
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])

@@ -98,10 +98,13 @@ def test_live_topics_from_the_broker(
     records = write_fraud_replay(_isolated_home / "tmp.json", n=80)
     create_topics(broker, ["scores", "alerts"])
     producer = make_producer(broker)
-    for r in records:
-        producer.send("scores", key=r["card_id"], value=r)
+    for i, r in enumerate(records):
+        # the message apps/finance/stream/serve.py writes for every scored event
+        out = {k: r[k] for k in ("tx_id", "card_id", "ts", "score", "alert", "threshold")}
+        out.update(model_version="1", partition=0, offset=i, in_ts_ms=int(r["ts"] * 1000))
+        producer.send("scores", key=r["tx_id"], value=out)
         if r["alert"]:
-            producer.send("alerts", key=r["card_id"], value=r)
+            producer.send("alerts", key=r["tx_id"], value=out)
     producer.flush()
     producer.close()
     monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP", broker)
@@ -112,3 +115,5 @@ def test_live_topics_from_the_broker(
     assert not at.error, texts(at.error) + texts(at.info)
     assert _metric(at, "Events") == "80", texts(at.info)
     assert int(_metric(at, "Alerts")) == sum(r["alert"] for r in records)
+    assert set(_table(at, "fraud_table")["tx_id"]) == {r["tx_id"] for r in records if r["alert"]}
+    assert any("carries no feature values" in t for t in texts(at.caption))
