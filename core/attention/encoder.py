@@ -38,6 +38,7 @@ class SparseEncoderConfig:
     max_len: int = 32768
     vocab_size: int | None = None
     dropout: float = 0.0
+    select_noise: float = 1.0
     position: Literal["sinusoidal", "learned", "none"] = "sinusoidal"
     layer_norm_eps: float = 1e-5
 
@@ -53,6 +54,8 @@ class SparseEncoderConfig:
             raise ValueError(f"vocab_size must be None or >= 1, got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.select_noise < 0:
+            raise ValueError(f"select_noise must be >= 0, got {self.select_noise}")
         if self.position not in ("sinusoidal", "learned", "none"):
             raise ValueError(
                 f"position must be 'sinusoidal', 'learned' or 'none', got {self.position!r}"
@@ -98,7 +101,12 @@ class SparseEncoderLayer(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.attn = DynamicSparseAttention(
-            cfg.dim, cfg.heads, cfg.window, cfg.top_k, dropout=cfg.dropout
+            cfg.dim,
+            cfg.heads,
+            cfg.window,
+            cfg.top_k,
+            dropout=cfg.dropout,
+            select_noise=cfg.select_noise,
         )
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.ffn = nn.Sequential(

@@ -38,6 +38,8 @@ class DynamicSparseAttention(nn.Module):
         dropout: attention-probability dropout (training only).
         segment_len: tokens processed per step for long inputs; bounds scratch memory, does not
             change the result.
+        select_noise: std of Gaussian noise added to the scores before top-k *in training*
+            (exploration, so rarely-picked tokens can still earn a higher score).
 
     ``forward(x, padding_mask)`` maps ``x`` (B, L, dim) to (B, L, dim); ``padding_mask`` is
     (B, L) bool with True for real tokens. Outputs at padding positions are zero.
@@ -55,6 +57,7 @@ class DynamicSparseAttention(nn.Module):
         top_k: int,
         dropout: float = 0.0,
         segment_len: int = 4096,
+        select_noise: float = 1.0,
     ) -> None:
         super().__init__()
         if dim <= 0 or heads <= 0:
@@ -67,10 +70,13 @@ class DynamicSparseAttention(nn.Module):
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if select_noise < 0:
+            raise ValueError(f"select_noise must be >= 0, got {select_noise}")
         if segment_len < 1:
             raise ValueError(f"segment_len must be >= 1, got {segment_len}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.window, self.top_k, self.dropout = window, top_k, dropout
+        self.select_noise = select_noise
         self.block = _block_size(window)
         # Whole blocks per segment, so segment edges fall on block edges.
         self.segment_len = max(1, segment_len // self.block) * self.block
@@ -114,7 +120,15 @@ class DynamicSparseAttention(nn.Module):
             scores = self.scorer(x).squeeze(-1)  # (B, L)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            top, idx = scores.topk(min(self.top_k, L), dim=-1)  # (B, k)
+            k_eff = min(self.top_k, L)
+            if self.training and self.select_noise > 0:
+                # Noisy top-k (as in sparsely-gated MoE): a token the scorer ranks low still gets
+                # picked now and then, so its usefulness can reach the scorer's gradient.
+                noisy = scores + self.select_noise * torch.randn_like(scores)
+                idx = noisy.topk(k_eff, dim=-1).indices
+                top = scores.gather(1, idx)
+            else:
+                top, idx = scores.topk(k_eff, dim=-1)  # (B, k)
             xg = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))  # (B, k, D)
             w_kv, b_kv = self.qkv.weight[D:], self.qkv.bias[D:]
             kvg = F.linear(xg, w_kv, b_kv).view(B, -1, 2, self.heads, self.head_dim)
@@ -193,7 +207,7 @@ class DynamicSparseAttention(nn.Module):
                 mixed = glob
             else:
                 g = torch.sigmoid(self.gate(x_rows)).unsqueeze(-1)  # (B, S, H, 1)
-                mixed = g * local + (1.0 - g) * glob
+                mixed = torch.lerp(glob, local, g)  # g·local + (1-g)·glob in one kernel
         return self.out(mixed.reshape(B, S, D))
 
     def _local(
@@ -216,9 +230,6 @@ class DynamicSparseAttention(nn.Module):
         if pad_l or pad_r:
             xs = F.pad(xs, (0, 0, pad_l, pad_r))
         T = (n + 2) * b
-        valid = torch.zeros(B, T, dtype=torch.bool, device=x.device)
-        valid[:, pad_l : T - pad_r] = True if mask is None else mask[:, max(lo, 0) : min(hi, L)]
-
         # Lay the B rows end to end as one flat run of B*(n+2) blocks: window w is blocks
         # (w, w+1, w+2) and its queries are block w+1. Every window is then an overlapping
         # strided *view* of the projection (no copy), at the price of 2 wasted windows per row
@@ -230,11 +241,15 @@ class DynamicSparseAttention(nn.Module):
         q = qkv.as_strided((W, H, b, hd), (b * row, hd, row, 1), base + b * row)
         k = qkv.as_strided((W, H, 3 * b, hd), (b * row, hd, row, 1), base + D)
         v = qkv.as_strided((W, H, 3 * b, hd), (b * row, hd, row, 1), base + 2 * D)
-        kvalid = valid.view(-1).as_strided((W, 3 * b), (b, 1))
-        # A window of pure padding would have no key at all (NaN softmax); let it see
-        # everything, its rows are discarded anyway.
-        kvalid = kvalid | ~kvalid.any(dim=-1, keepdim=True)
-        am = None if bool(kvalid.all()) else kvalid.reshape(W, 1, 1, 3 * b)
+        am = None  # interior segments without padding need no mask at all
+        if mask is not None or pad_l or pad_r:
+            valid = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+            valid[:, pad_l : T - pad_r] = True if mask is None else mask[:, max(lo, 0) : min(hi, L)]
+            kvalid = valid.view(-1).as_strided((W, 3 * b), (b, 1))
+            # A window of pure padding would have no key at all (NaN softmax); let it see
+            # everything, its rows are discarded anyway.
+            kvalid = kvalid | ~kvalid.any(dim=-1, keepdim=True)
+            am = kvalid.reshape(W, 1, 1, 3 * b)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=p)  # (W, H, b, hd)
         if B > 1:  # two padding windows per row make the (B, n+2) block grid regular again
             out = F.pad(out, (0, 0, 0, 0, 0, 0, 0, 2))

@@ -91,12 +91,16 @@ class Attention3D(nn.Module):
         # (free for a channels_last_3d input) yields the token-major (…, C) layout SDPA needs,
         # with no transpose copies in between.
         tokens = x.permute(0, 2, 3, 4, 1)  # (B, D, H, W, C)
-        if mode == "full":
-            out = self._full(tokens)
-        elif mode == "window":
-            out = self._window(tokens)
-        else:
-            out = self._axial(tokens)
+        if mode == "window":
+            # One slab of windows (window × H × W voxels) at a time, written into the result:
+            # scratch memory is one slab's q/k/v, not the whole map's.
+            y = torch.empty_like(x)
+            for d0 in range(0, D, self.window):
+                d1 = min(d0 + self.window, D)
+                o = self._window(tokens[:, d0:d1])  # (B, d1-d0, H, W, C)
+                y[:, :, d0:d1] = torch.addcmul(x[:, :, d0:d1], self.gamma, o.permute(0, 4, 1, 2, 3))
+            return y
+        out = self._full(tokens) if mode == "full" else self._axial(tokens)
         # out: (B, D, H, W, C) -> NCDHW view (channels_last_3d memory format); one fused pass
         return torch.addcmul(x, self.gamma, out.permute(0, 4, 1, 2, 3))
 
