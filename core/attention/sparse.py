@@ -136,7 +136,8 @@ class DynamicSparseAttention(nn.Module):
             # Scaling values by sigmoid(score) is what lets gradients reach the scorer: top-k
             # itself is piecewise constant.
             vg = kvg[:, :, 1].transpose(1, 2) * torch.sigmoid(top)[:, None, :, None]
-            gmask = torch.isfinite(top)[:, None, None, :]  # (B, 1, 1, k): chosen real tokens
+            if mask is not None:  # fewer real tokens than k: padding was picked, hide it
+                gmask = torch.isfinite(top)[:, None, None, :]  # (B, 1, 1, k)
 
         if self.window >= L:  # the local window covers everything: plain dense attention
             outs = [self._segment(x, mask, 0, L, kg, vg, gmask, force_gate, p, dense=True)]
@@ -183,17 +184,9 @@ class DynamicSparseAttention(nn.Module):
         dense: bool = False,
     ) -> torch.Tensor:
         """Output rows [start, end) of the layer: local + global attention, gate, projection."""
-        B, L, D = x.shape
-        H, hd = self.heads, self.head_dim
-        S = end - start
+        B, S = x.shape[0], end - start
         if dense:
-            qkv = self.qkv(x).view(B, L, 3, H, hd)
-            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, hd)
-            am = None if mask is None else mask[:, None, None, :]
-            local = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=p)
-            local = local.transpose(1, 2)  # (B, L, H, hd)
-            q_rows = q
-            x_rows = x
+            local, q_rows, x_rows = self._dense(x, mask, p)
         else:
             local, q_rows, x_rows = self._local(x, mask, start, end, p)
 
@@ -208,16 +201,26 @@ class DynamicSparseAttention(nn.Module):
             else:
                 g = torch.sigmoid(self.gate(x_rows)).unsqueeze(-1)  # (B, S, H, 1)
                 mixed = torch.lerp(glob, local, g)  # g·local + (1-g)·glob in one kernel
-        return self.out(mixed.reshape(B, S, D))
+        return self.out(mixed.reshape(B, S, self.dim))
+
+    def _dense(
+        self, x: torch.Tensor, mask: torch.Tensor | None, p: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense attention over the whole sequence (what the local branch is when window >= L).
+
+        Returns the output (B, L, H, hd), the queries (B, H, L, hd) and the input rows x.
+        """
+        B, L, _ = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, hd)
+        am = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=p)
+        return out.transpose(1, 2), q, x
 
     def _local(
         self, x: torch.Tensor, mask: torch.Tensor | None, start: int, end: int, p: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block-local attention for query rows [start, end).
-
-        Returns the local output (B, S, H, hd), the queries (B, H, S, hd) for the global branch
-        and the input rows (B, S, D) for the gate.
-        """
+        """Block-local attention for query rows [start, end) (same returns as ``_dense``)."""
         B, L, D = x.shape
         H, hd, b = self.heads, self.head_dim, self.block
         S = end - start
