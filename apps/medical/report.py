@@ -466,10 +466,34 @@ def write_sr(
                 qualitative_evaluations=qual,
             )
         )
+    # exam-level group (TID 1501): the Lung-RADS category and the follow-up, also with no finding
+    lr = d["lung_rads"]["category"]
+    groups.append(
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=deid.uid(f"{rep.study_key}/exam"), identifier=f"{rep.study_key} exam"
+            ),
+            algorithm_id=algo,
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(
+                    name=hd.sr.CodedConcept("LR-CAT", "99VIGIL", "Lung-RADS category"),
+                    value=hd.sr.CodedConcept(f"LR-{lr}", "99VIGIL", f"Lung-RADS {lr}"),
+                ),
+                hd.sr.QualitativeEvaluation(
+                    name=hd.sr.CodedConcept("FU", "99VIGIL", "Follow-up recommendation"),
+                    value=hd.sr.CodedConcept(
+                        d["follow_up"]["code"][:16].upper(),
+                        "99VIGIL",
+                        d["follow_up"]["recommendation"][:64],
+                    ),
+                ),
+            ],
+        )
+    )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=hd.sr.CodedConcept("418891003", "SCT", "CT of chest"),
-        imaging_measurements=groups or None,
+        imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,

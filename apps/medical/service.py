@@ -149,7 +149,7 @@ class MedicalService:
         self.model = model.eval()
         self.model_info = model_info or {
             "name": "vigil-medical-detector",
-            "version": None,
+            "version": "unregistered",
             "run_id": None,
         }
         self.threshold = threshold
