@@ -6,6 +6,7 @@ heat-map overlay, the rendered report, downloads (JSON / PDF / DICOM SR), quaran
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +141,10 @@ def _slice_viewer(study: data.StudyOutput, batch: Path) -> None:
 def _report(study: data.StudyOutput) -> None:
     files = study.files
     if "html" in files:
-        # st.html sanitises (DOMPurify): report text comes from DICOM headers and referrals.
-        with st.container(height=520, border=True):
-            st.html(files["html"].read_text(errors="replace"))
+        # A data: URL iframe is its own opaque origin: the report's styles cannot restyle the
+        # app and its content cannot reach the session.
+        b64 = base64.b64encode(files["html"].read_bytes()).decode("ascii")
+        st.iframe(f"data:text/html;base64,{b64}", height=560)
     elif study.report is not None:
         st.json(study.report, expanded=False)
     else:

@@ -3,6 +3,7 @@ downloads, quarantine list."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,9 @@ def test_studies_slices_report_and_downloads(ui_home: Path) -> None:
     assert "0 marker" in at.image[0].captions[0]
     labels = {b.label for b in at.get("download_button")}
     assert {"JSON", "PDF", "SR", "HTML"} == labels
-    assert any("Solid nodule 8 mm" in h.proto.body for h in at.html)
+    frames = [e.proto.src for e in at.get("iframe")]
+    assert len(frames) == 1 and frames[0].startswith("data:text/html;base64,")
+    assert "Solid nodule 8 mm" in base64.b64decode(frames[0].split(",", 1)[1]).decode()
 
     # status filter hides the failed study
     at.multiselect(key="med_status").set_value(["quarantined"]).run()
