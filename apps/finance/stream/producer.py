@@ -27,12 +27,12 @@ class Message:
 
 
 def interleave(rows: Iterable[Mapping[str, Any]], label_delay_s: float) -> Iterator[Message]:
-    """Transactions in input order with each label inserted once ``ts + delay`` has passed.
+    """Transactions in input order; each label goes out just before the first transaction at or after ``ts + delay``.
 
     >>> rows = [{"tx_id": i, "ts": float(i), "card_id": 1, "terminal_id": 2, "amount": 1.0,
     ...          "is_fraud": 0} for i in range(3)]
     >>> [(m.topic_kind, m.value["tx_id"]) for m in interleave(rows, 1.0)]
-    [('tx', 0), ('tx', 1), ('label', 0), ('tx', 2), ('label', 1), ('label', 2)]
+    [('tx', 0), ('label', 0), ('tx', 1), ('label', 1), ('tx', 2), ('label', 2)]
     """
     if label_delay_s < 0:
         raise ValueError(f"label_delay_s must be >= 0, got {label_delay_s}")
@@ -40,7 +40,7 @@ def interleave(rows: Iterable[Mapping[str, Any]], label_delay_s: float) -> Itera
     seq = 0
     for row in rows:
         ts = float(row["ts"])
-        while due and due[0][0] < ts:
+        while due and due[0][0] <= ts:
             avail, _, label = heapq.heappop(due)
             yield Message("label", str(label["card_id"]), label, avail)
         tx = {k: v for k, v in row.items() if k not in LABEL_FIELDS}

@@ -109,23 +109,26 @@ class ComponentScorer:
         self.labels_learned += 1
         return True
 
+    def state(self) -> dict[str, Any]:
+        """Plain, comparable state (two scorers are in the same state iff these are equal)."""
+        return {
+            # one round trip first: pickle's sharing of equal strings depends on the object's
+            # history, so only a re-loaded model pickles to the same bytes after a restore
+            "model": pickle.dumps(pickle.loads(pickle.dumps(self.model, protocol=5)), protocol=5),
+            "features": self.features.snapshot(),
+            "sampler": self.sampler.state(),
+            "pending": self.pending.state(),
+            "threshold": self.threshold.state(),
+            "version": self.model_version,
+            "labels_learned": self.labels_learned,
+        }
+
     def snapshot(self) -> bytes:
-        return pickle.dumps(
-            {
-                "model": self.model,
-                "features": self.features.snapshot(),
-                "sampler": self.sampler.state(),
-                "pending": self.pending.state(),
-                "threshold": self.threshold.state(),
-                "version": self.model_version,
-                "labels_learned": self.labels_learned,
-            },
-            protocol=5,
-        )
+        return pickle.dumps(self.state(), protocol=5)
 
     def restore(self, blob: bytes) -> None:
         d = pickle.loads(blob)  # a checksummed checkpoint of this service
-        self.model = d["model"]
+        self.model = pickle.loads(d["model"])
         self.features.restore(d["features"])
         self.sampler.load_state(d["sampler"])
         self.pending.load_state(d["pending"])

@@ -134,6 +134,7 @@ class FraudService:
         self.alerts = 0
         self.rewinds = 0
         self._assigned_at = 0.0
+        self._owned_at_stop: list[int] = []
 
     # ------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -145,8 +146,9 @@ class FraudService:
         from core import broker
 
         cfg, t = self.config, self.config.topics
-        broker.create_topics(cfg.bootstrap, [t.transactions, t.labels], partitions=cfg.partitions)
-        broker.create_topics(cfg.bootstrap, [t.scores, t.alerts, t.dlq], partitions=cfg.partitions)
+        _ensure_topics(
+            cfg.bootstrap, [t.transactions, t.labels, t.scores, t.alerts, t.dlq], cfg.partitions
+        )
         self._check_copartitioned()
         if cfg.warm_start:
             self._load_champion(cfg.warm_start)
@@ -177,7 +179,7 @@ class FraudService:
             "alerts": self.alerts,
             "dlq": self.dlq,
             "rewinds": self.rewinds,
-            "partitions": sorted(self.parts),
+            "partitions": sorted(self.parts) or self._owned_at_stop,
             "events_per_s": round(self.scored / elapsed, 1) if elapsed > 0 else 0.0,
             **{f"quality_{k}": round(v, 4) for k, v in self.quality.summary().items()},
         }
@@ -539,6 +541,7 @@ class FraudService:
             log.warning("MLflow logging failed: %s", exc)
 
     def _shutdown(self) -> None:
+        self._owned_at_stop = sorted(self.parts)
         try:
             if self._consumer is not None and self._producer is not None:
                 try:
@@ -558,6 +561,21 @@ class FraudService:
             if self.http is not None:
                 self.http.shutdown()
             log.info("stopped", extra=self.summary())
+
+
+def _ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
+    """Create missing topics; another replica creating them at the same moment is fine."""
+    from kafka.errors import TopicAlreadyExistsError
+
+    from core import broker
+
+    for attempt in range(5):
+        try:
+            broker.create_topics(bootstrap, topics, partitions=partitions)
+            return
+        except TopicAlreadyExistsError:
+            time.sleep(0.2 * (attempt + 1))  # the next listing sees the other replica's topics
+    broker.create_topics(bootstrap, topics, partitions=partitions)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

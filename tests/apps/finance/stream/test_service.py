@@ -1,0 +1,198 @@
+"""The scoring service against the real embedded broker: DLQ, crash, scale-out, broker pause."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.apps.finance.stream.conftest import (
+    Replica,
+    in_thread,
+    make_input,
+    publish_input,
+    read_topic,
+    run_reference,
+    service_config,
+    states,
+)
+from tests.apps.finance.stream.test_schema import CORPUS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _scores(records: list[Any]) -> dict[str, float]:
+    """tx id → score of its last output (outputs may repeat after a crash)."""
+    return {r.key: json.loads(r.value)["score"] for r in records}
+
+
+def _wait_scored(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0) -> set[str]:
+    from core.broker import make_consumer
+
+    consumer = make_consumer(bootstrap, topic, group_id=None, json_values=False)
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(seen) < n and time.monotonic() < deadline:
+            for rs in consumer.poll(timeout_ms=50).values():
+                seen.update(r.key for r in rs)
+    finally:
+        consumer.close()
+    return seen
+
+
+def test_fuzz_corpus_goes_to_dlq_and_valid_events_are_scored(
+    broker: str, tmp_path: Path, mlflow_store: str
+) -> None:
+    from apps.finance.stream.serve import FraudService
+    from core.broker import create_topics, make_producer
+
+    create_topics(broker, ["transactions", "labels"], partitions=2)
+    prod = make_producer(broker, json_values=False)
+    good: set[str] = set()
+    for i, (raw, _reason) in enumerate(CORPUS):
+        # a valid event before and after every malformed one, on the same card/partition
+        for j in (2 * i, 2 * i + 1):
+            ev = {
+                "tx_id": f"ok{j}",
+                "ts": 1.7e9 + j,
+                "card_id": 3,
+                "terminal_id": 1,
+                "amount": 10.0 + j,
+            }
+            prod.send("transactions", key="3", value=json.dumps(ev).encode())
+            good.add(f"ok{j}")
+            if j == 2 * i:
+                prod.send("transactions", key="3", value=raw)
+    prod.send(
+        "transactions",
+        key="9",
+        value=b'{"tx_id": 1, "ts": 1, "card_id": 3, "terminal_id": 1, "amount": 1}',
+    )
+    prod.flush()
+    prod.close()
+
+    svc = FraudService(
+        service_config(broker, tmp_path / "ck", partitions=2, metrics_port=0, mlflow_every_s=0.3)
+    )
+    th = in_thread(svc)
+    dlq = read_topic(broker, "transactions.dlq", timeout_s=40)
+    port = svc.http.server_port if svc.http else None
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    th.join(60)
+    assert not th.is_alive()
+
+    sent = [raw for raw, _ in CORPUS] + [
+        b'{"tx_id": 1, "ts": 1, "card_id": 3, "terminal_id": 1, "amount": 1}'
+    ]
+    assert sorted(r.value or b"" for r in dlq) == sorted(sent)  # 100%, original bytes untouched
+    headers = [dict(r.headers) for r in dlq]
+    assert all(h["vigil.dlq.reason"] and h["vigil.dlq.source"] for h in headers)
+    by_value = {r.value or b"": dict(r.headers)["vigil.dlq.reason"].decode() for r in dlq}
+    for raw, reason in CORPUS:
+        assert by_value[raw] == reason
+    assert by_value[sent[-1]] == "key_mismatch"
+    assert set(_scores(read_topic(broker, "scores", until=good))) == good
+    assert svc.scored == len(good) and svc.dlq == len(sent)
+    assert (
+        f'vigil_fraud_dlq_total{{reason="bad_json"}} {sum(r == "bad_json" for _, r in CORPUS)}.0'
+        in body
+    )
+    assert "vigil_fraud_latency_seconds_bucket" in body and "vigil_fraud_consumer_lag" in body
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["vigil-finance"])
+    assert len(runs) == 1 and runs["metrics.events"].iloc[0] == len(good)
+
+
+def test_kill9_and_restart_equals_uninterrupted_run(
+    broker: str, tmp_path: Path, replicas: list[Replica]
+) -> None:
+    msgs = make_input(n_customers=250, n_days=10)
+    ids = publish_input(broker, msgs, partitions=3)
+    ref = run_reference(broker, tmp_path / "ref", partitions=3)
+    assert ref.scored == len(ids)
+    ref_scores = _scores(read_topic(broker, "ref.scores", until=ids))
+
+    folder = tmp_path / "ck"
+    first = Replica(broker, folder, "--checkpoint-every", "150", "--partitions", "3")
+    replicas.append(first)
+    seen = _wait_scored(broker, "scores", len(ids) // 4)
+    first.kill(signal.SIGKILL)
+    first.wait(10)
+    scored_before_crash = len(_scores(read_topic(broker, "scores")))
+    assert 0 < scored_before_crash < len(ids), "the kill must land mid-stream"
+    assert seen
+
+    second = Replica(broker, folder, "--checkpoint-every", "150", "--max-idle", "2")
+    replicas.append(second)
+    assert second.wait(90) == 0, second.output()[-2000:]
+    after = _scores(read_topic(broker, "scores", until=ids))
+    assert set(after) == ids  # every transaction scored
+    assert after == ref_scores  # ... with the scores of the uninterrupted run
+    assert states(folder) == states(tmp_path / "ref")  # and the same final state
+
+
+def test_two_replicas_one_stops_the_other_takes_over_with_state(
+    broker: str, tmp_path: Path, replicas: list[Replica]
+) -> None:
+    msgs = make_input(n_customers=120, n_days=8, seed=4)
+    half = next(i for i, m in enumerate(msgs) if i >= len(msgs) // 2 and m.topic_kind == "tx")
+    ids = {str(m.value["tx_id"]) for m in msgs if m.topic_kind == "tx"}
+    ids_first = publish_input(broker, msgs[:half], partitions=4)
+
+    folder = tmp_path / "ck"
+    a = Replica(broker, folder, "--partitions", "4")
+    b = Replica(broker, folder, "--partitions", "4")
+    replicas.extend([a, b])
+    _wait_scored(broker, "scores", len(ids_first))
+    a.kill(signal.SIGTERM)  # graceful: checkpoint its partitions, leave the group
+    publish_input(broker, msgs[half:], partitions=4)  # ...while the stream goes on
+    assert a.wait(30) == 0, a.output()[-2000:]
+    assert '"msg": "stopped"' in a.output()
+    owned_by_a = {
+        int(p) for p in json.loads(_last_json(a.output(), "stopped")).get("partitions", [])
+    }
+    publish_input(broker, msgs[half:], partitions=4)
+    assert set(_scores(read_topic(broker, "scores", until=ids, timeout_s=60))) == ids
+    b.kill(signal.SIGTERM)
+    assert b.wait(30) == 0, b.output()[-2000:]
+    run_reference(broker, tmp_path / "ref", partitions=4)
+    assert states(folder) == states(tmp_path / "ref")
+    # a owned partitions, and b restored exactly those from a's checkpoints
+    assert owned_by_a and len(owned_by_a) < 4
+    restored = {
+        int(json.loads(ln)["partition"]) for ln in b.output().splitlines() if "restored at" in ln
+    }
+    assert owned_by_a <= restored
+
+
+def _last_json(text: str, msg: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.startswith("{") and f'"msg": "{msg}"' in ln]
+    return lines[-1] if lines else "{}"
+
+
+def test_broker_pause_loses_nothing(embedded_broker: Any, tmp_path: Path) -> None:
+    from apps.finance.stream.serve import FraudService
+
+    bootstrap = embedded_broker.bootstrap
+    msgs = make_input(n_customers=60, n_days=8, seed=6)
+    half = len(msgs) // 2
+    ids = publish_input(bootstrap, msgs[:half], partitions=2)
+    svc = FraudService(service_config(bootstrap, tmp_path / "ck", partitions=2, idle_exit_s=8.0))
+    th = in_thread(svc)
+    _wait_scored(bootstrap, "scores", len(ids))
+    embedded_broker.pause()
+    time.sleep(4)
+    embedded_broker.resume()
+    ids |= publish_input(bootstrap, msgs[half:], partitions=2)
+    th.join(120)
+    assert not th.is_alive()
+    assert set(_scores(read_topic(bootstrap, "scores", until=ids))) == ids
+    assert svc.scored >= len(ids)
