@@ -90,25 +90,30 @@ def _from_topics() -> data.FraudData | None:
     return data.FraudData(events, pd.DataFrame(columns=["step", "metric", "value"]), {}, "live")
 
 
-def _threshold_chart(ev: pd.DataFrame) -> None:
-    """Scores and the moving threshold over time, in time buckets (a chart of every event would
-    be unreadable and slow in the browser)."""
+def threshold_frame(ev: pd.DataFrame) -> pd.DataFrame:
+    """Score p99 and the threshold (recorded, and the what-if one when set) per time bucket; a
+    chart of every event would be unreadable and slow in the browser."""
     t = ev.dropna(subset=["time"])
     if t.empty:
-        st.caption("No event times in this source: no time chart.")
-        return
+        return pd.DataFrame()
     span = (t["time"].max() - t["time"].min()).total_seconds()
     freq = "1h" if span > 2 * 86400 else ("10min" if span > 7200 else "1min")
     g = t.set_index("time").resample(freq)
+    recorded = "recorded_threshold" if "recorded_threshold" in t else "threshold"
     frame = pd.DataFrame(
-        {
-            "score p99": g["score"].quantile(0.99),
-            "threshold (recorded)": g["threshold"].mean(),
-        }
+        {"score p99": g["score"].quantile(0.99), "threshold (recorded)": g[recorded].mean()}
     )
     if "what_if_threshold" in t:
         frame["threshold (what-if)"] = g["what_if_threshold"].mean()
-    st.line_chart(frame.dropna(how="all", axis=1))
+    return frame.dropna(how="all", axis=1)
+
+
+def _threshold_chart(ev: pd.DataFrame) -> None:
+    frame = threshold_frame(ev)
+    if frame.empty:
+        st.caption("No event times in this source: no time chart.")
+    else:
+        st.line_chart(frame)
 
 
 def render() -> None:
@@ -151,7 +156,11 @@ def render() -> None:
                 f"With {budget}/day: {int(ev['what_if_alert'].sum())} alerts "
                 f"(recorded: {int(ev['alert'].sum())})."
             )
-            ev = ev.assign(alert=ev["what_if_alert"], threshold=ev["what_if_threshold"])
+            ev = ev.assign(
+                recorded_threshold=ev["threshold"],
+                alert=ev["what_if_alert"],
+                threshold=ev["what_if_threshold"],
+            )
 
     n_alert = int(ev["alert"].sum())
     labelled = ev["label"].notna()

@@ -117,3 +117,21 @@ def test_live_topics_from_the_broker(
     assert int(_metric(at, "Alerts")) == sum(r["alert"] for r in records)
     assert set(_table(at, "fraud_table")["tx_id"]) == {r["tx_id"] for r in records if r["alert"]}
     assert any("carries no feature values" in t for t in texts(at.caption))
+
+
+def test_threshold_over_time_keeps_recorded_and_what_if_apart(tmp_path: Path) -> None:
+    from apps.ui import data
+    from apps.ui.views.fraud import threshold_frame
+    from tests.apps.ui.conftest import write_fraud_replay
+
+    write_fraud_replay(tmp_path / "r.json")
+    ev = data.load_fraud_file(tmp_path / "r.json").events
+    plain = threshold_frame(ev)
+    assert list(plain.columns) == ["score p99", "threshold (recorded)"]
+    assert len(plain) == 72  # 3 days in hourly buckets
+    what_if = data.what_if_alerts(ev, 5.0, base=0.5)
+    what_if = what_if.assign(recorded_threshold=what_if["threshold"])
+    what_if["threshold"] = what_if["what_if_threshold"]
+    frame = threshold_frame(what_if)
+    assert (frame["threshold (recorded)"].dropna() == 0.6).all()
+    assert frame["threshold (what-if)"].max() > 0.6  # 5 a day is stricter than 0.6 on day 2+
