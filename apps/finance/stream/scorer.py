@@ -1,36 +1,32 @@
-"""The per-partition scorer the service drives, on top of the finance inference seam.
+"""The per-partition scorer the service drives: a thin adapter over ``apps/finance/service.py``.
 
-The service needs four verbs from a scorer: ``score(event)``, ``learn(label)``,
-``snapshot() -> bytes`` and ``restore(bytes)``. :func:`make_scorer` builds one from
-``apps/finance/service.py`` when that seam is available, and otherwise assembles the same
-components (features, river model, negative sampler, pending-label store, dynamic threshold)
-in :class:`ComponentScorer`, a thin adapter with the same verbs.
-
-Every input partition gets its own scorer, so a partition's state depends only on that
-partition's events and labels, and moves with the partition on a rebalance.
+Every input partition gets its own :class:`apps.finance.service.FraudScorer` (model + feature
+windows + pending labels + threshold), so a partition's state depends only on that partition's
+records and moves with the partition on a rebalance. The adapter adds what the Kafka loop
+needs on top of the seam: labels by ``(tx_id, is_fraud)``, restore in place, warm start from a
+registered champion, and a comparable :meth:`PartitionScorer.state` for the exactly-once tests.
 """
 
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class ScorerConfig:
-    """How each partition's scorer is built (the same for every partition)."""
+    """The service's scorer knobs (mapped onto :class:`apps.finance.service.ScorerConfig`)."""
 
     model: str = "logreg"
     label_delay: str = "7d"
     neg_rate: float = 0.2
     alerts_per_day: float = 100.0
     threshold_window: str = "1d"
-    base_threshold: float = 0.5
-    min_scores: int = 100
+    base_threshold: float = 0.05
+    min_scores: int = 500
     pending_ttl: str = "30d"
     seed: int = 0
-    model_version: str = "0"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.neg_rate <= 1.0:
@@ -39,116 +35,87 @@ class ScorerConfig:
             raise ValueError(f"alerts_per_day must be > 0, got {self.alerts_per_day}")
         if not 0.0 <= self.base_threshold <= 1.0:
             raise ValueError(f"base_threshold must be in [0, 1], got {self.base_threshold}")
+        if self.min_scores < 0:
+            raise ValueError(f"min_scores must be >= 0, got {self.min_scores}")
+
+    def service_config(self) -> Any:
+        """The seam's config (validates the rest: model name, spans, TTL vs label delay)."""
+        from apps.finance.features import FeatureConfig
+        from apps.finance.service import ScorerConfig as SeamConfig
+
+        return SeamConfig(
+            features=FeatureConfig(label_delay=self.label_delay),
+            model=self.model,
+            neg_rate=self.neg_rate,
+            seed=self.seed,
+            alerts_per_day=self.alerts_per_day,
+            threshold_window=self.threshold_window,
+            base_threshold=self.base_threshold,
+            min_scores=self.min_scores,
+            pending_ttl=self.pending_ttl,
+        )
 
 
-@dataclass(frozen=True)
-class ScoreResult:
-    tx_id: str
-    score: float
-    alert: bool
-    threshold: float
-    model_version: str
-    features: dict[str, float] = field(default_factory=dict)
-
-
-class Scorer(Protocol):
-    model_version: str
-
-    def score(self, event: dict[str, Any]) -> ScoreResult: ...
-
-    def learn(self, tx_id: str, is_fraud: int) -> bool: ...
-
-    def snapshot(self) -> bytes: ...
-
-    def restore(self, blob: bytes) -> None: ...
-
-
-class ComponentScorer:
-    """Features → river model → dynamic threshold; labels joined through the pending store."""
+class PartitionScorer:
+    """One partition's :class:`FraudScorer` with the verbs the service loop uses."""
 
     def __init__(self, config: ScorerConfig | None = None) -> None:
-        from apps.finance.features import FeatureConfig, FraudFeatures
-        from apps.finance.model import NegativeSampler, make_model
-        from apps.finance.pending import PendingStore
-        from apps.finance.threshold import DynamicThreshold
+        from apps.finance.service import FraudScorer
 
-        self.config = cfg = config or ScorerConfig()
-        self.features = FraudFeatures(FeatureConfig(label_delay=cfg.label_delay))
-        self.model = make_model(cfg.model, seed=cfg.seed)
-        self.sampler = NegativeSampler(cfg.neg_rate, seed=cfg.seed)
-        self.pending = PendingStore(ttl=cfg.pending_ttl)
-        self.threshold = DynamicThreshold(
-            alerts_per_day=cfg.alerts_per_day,
-            window=cfg.threshold_window,
-            base=cfg.base_threshold,
-            min_scores=cfg.min_scores,
-        )
-        self.model_version = cfg.model_version
-        self.labels_learned = 0
+        self.config = config or ScorerConfig()
+        self.scorer = FraudScorer(self.config.service_config())
 
-    def score(self, event: dict[str, Any]) -> ScoreResult:
-        x = self.features.process(event)
-        p = self.sampler.correct(float(self.model.predict_proba_one(x).get(True, 0.0)))
-        threshold = self.threshold.current
-        alert = self.threshold.update(p, event["ts"])
-        tx_id = str(event["tx_id"])
-        self.pending.put(tx_id, event["ts"], x, (event.get("terminal_id"),))
-        return ScoreResult(tx_id, p, alert, threshold, self.model_version, x)
+    @property
+    def model_version(self) -> str:
+        return str(self.scorer.model_version)
+
+    def score(self, event: dict[str, Any]) -> Any:
+        """The seam's ``ScoreResult`` (ValueError for an event it refuses)."""
+        return self.scorer.score(event)
 
     def learn(self, tx_id: str, is_fraud: int) -> bool:
-        """Join a label to the features saved at scoring time and learn; False if unknown."""
-        saved = self.pending.pop(tx_id)
-        if saved is None:
-            return False
-        self.features.learn_label(
-            saved.ts, saved.extra[0] if saved.extra else None, float(is_fraud)
-        )
-        y = bool(is_fraud)
-        if self.sampler.keep(y):
-            self.model.learn_one(saved.features(), y)
-        self.labels_learned += 1
-        return True
-
-    def state(self) -> dict[str, Any]:
-        """Plain, comparable state (two scorers are in the same state iff these are equal)."""
-        return {
-            # one round trip first: pickle's sharing of equal strings depends on the object's
-            # history, so only a re-loaded model pickles to the same bytes after a restore
-            "model": pickle.dumps(pickle.loads(pickle.dumps(self.model, protocol=5)), protocol=5),
-            "features": self.features.snapshot(),
-            "sampler": self.sampler.state(),
-            "pending": self.pending.state(),
-            "threshold": self.threshold.state(),
-            "version": self.model_version,
-            "labels_learned": self.labels_learned,
-        }
+        """Join a label to the features saved at scoring time; False if none are waiting."""
+        return bool(self.scorer.learn({"tx_id": tx_id, "is_fraud": int(is_fraud)}))
 
     def snapshot(self) -> bytes:
-        return pickle.dumps(self.state(), protocol=5)
+        return bytes(self.scorer.snapshot())
 
     def restore(self, blob: bytes) -> None:
-        d = pickle.loads(blob)  # a checksummed checkpoint of this service
-        self.model = pickle.loads(d["model"])
-        self.features.restore(d["features"])
-        self.sampler.load_state(d["sampler"])
-        self.pending.load_state(d["pending"])
-        self.threshold.load_state(d["threshold"])
-        self.model_version = d["version"]
-        self.labels_learned = d["labels_learned"]
+        from apps.finance.service import FraudScorer
+
+        self.scorer = FraudScorer.from_snapshot(blob)
 
     def warm_start(self, obj: Any, version: str) -> None:
-        """Start from a registered champion: a whole scorer snapshot or a river classifier."""
-        if hasattr(obj, "snapshot"):
-            self.restore(obj.snapshot())
+        """Start from a registered champion: a whole scorer or a trained model."""
+        from apps.finance.service import FraudScorer
+
+        if isinstance(obj, FraudScorer):
+            self.scorer = FraudScorer.from_snapshot(obj.snapshot())
         elif hasattr(obj, "learn_one") and hasattr(obj, "predict_proba_one"):
-            self.model = obj
+            model = pickle.loads(pickle.dumps(obj))  # each partition learns on its own copy
+            self.scorer = FraudScorer(
+                self.config.service_config(), model=model, model_version=f"champion-v{version}"
+            )
         else:
             raise ValueError(
-                f"champion of type {type(obj).__name__} is not a scorer or river model"
+                f"champion of type {type(obj).__name__} is neither a scorer nor a model"
             )
-        self.model_version = version
+
+    def state(self) -> dict[str, Any]:
+        """Plain, comparable state: two scorers are in the same state iff these are equal."""
+        s = self.scorer
+        return {
+            # one pickle round trip first: how pickle shares equal strings depends on the
+            # object's history, so only a re-loaded model pickles to the same bytes
+            "model": pickle.dumps(pickle.loads(pickle.dumps(s.model, protocol=5)), protocol=5),
+            "windows": s.features.snapshot(),
+            "last_ts": s.features.last_ts,
+            "threshold": s.threshold.state(),
+            "pending": s.pending.state(),
+            "stats": s.stats(),
+        }
 
 
-def make_scorer(config: ScorerConfig | None = None) -> ComponentScorer:
+def make_scorer(config: ScorerConfig | None = None) -> PartitionScorer:
     """A fresh scorer for one partition."""
-    return ComponentScorer(config)
+    return PartitionScorer(config)

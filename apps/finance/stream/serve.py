@@ -21,6 +21,7 @@ from the checkpoint: no event is lost, outputs may repeat (keyed by transaction 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -34,7 +35,7 @@ from kafka import ConsumerRebalanceListener
 from apps.finance.stream.checkpoint import Checkpoint, CheckpointStore
 from apps.finance.stream.ops import Every, Prequential, ServiceMetrics
 from apps.finance.stream.schema import Label, Rejected, Valid, parse_label, validate
-from apps.finance.stream.scorer import ComponentScorer, ScorerConfig, make_scorer
+from apps.finance.stream.scorer import PartitionScorer, ScorerConfig, make_scorer
 
 log = logging.getLogger("vigil.fraud.serve")
 
@@ -97,7 +98,7 @@ class _Part:
     """One owned input partition: its scorer, buffered records and next offsets."""
 
     partition: int
-    scorer: ComponentScorer
+    scorer: PartitionScorer
     tx_next: int | None  # next transactions offset to process (None = from the beginning)
     label_next: int | None  # next labels offset to apply
     tx: deque[tuple[Any, Valid | Rejected]] = field(default_factory=deque)
@@ -112,7 +113,7 @@ class FraudService:
     def __init__(
         self,
         config: ServiceConfig,
-        scorer_factory: Callable[[], ComponentScorer] | None = None,
+        scorer_factory: Callable[[], PartitionScorer] | None = None,
     ) -> None:
         self.config = config
         self.metrics = ServiceMetrics()
@@ -135,6 +136,8 @@ class FraudService:
         self.rewinds = 0
         self._assigned_at = 0.0
         self._owned_at_stop: list[int] = []
+        self.first_input_at: float | None = None  # monotonic; for throughput measurements
+        self.last_output_at: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -195,6 +198,8 @@ class FraudService:
             group_id=cfg.group_id,
             json_values=False,
             max_poll_records=500,
+            # the broker holds an empty fetch this long: it bounds the latency of a quiet stream
+            fetch_max_wait_ms=20,
             # range: a member gets the same partition numbers of both co-partitioned topics
             partition_assignment_strategy=[RangePartitionAssignor],
         )
@@ -338,11 +343,14 @@ class FraudService:
                     part.tx.extend((r, validate(r.value, r.key)) for r in records)
                 else:
                     part.labels.extend((r, parse_label(r.value)) for r in records)
+            if got and self.first_input_at is None:
+                self.first_input_at = time.monotonic()
             done = sum(self._process(part) for part in list(self.parts.values()))
             try:
                 if done:
                     self._flush()
                     self._commit()
+                    self.last_output_at = time.monotonic()
                 for part in list(self.parts.values()):
                     if part.since_checkpoint >= cfg.checkpoint_every:
                         self._checkpoint(part)
@@ -383,30 +391,31 @@ class FraudService:
                     break  # labels for this event time are not read yet
                 try:
                     res = part.scorer.score(event)
-                except ValueError as exc:  # the feature layer refused it
-                    self._to_dlq(rec, "rejected_by_features", str(exc)[:200])
+                except ValueError as exc:  # the seam refused it (e.g. a duplicate tx id)
+                    self._to_dlq(rec, "rejected_by_scorer", str(exc)[:200])
                 else:
                     out = {
                         "tx_id": res.tx_id,
                         "card_id": event["card_id"],
                         "ts": event["ts"],
                         "score": res.score,
-                        "alert": res.alert,
-                        "threshold": res.threshold,
+                        "alert": res.is_alert,
+                        # strict JSON: a threshold with no finite value travels as null
+                        "threshold": res.threshold if math.isfinite(res.threshold) else None,
                         "model_version": res.model_version,
                         "partition": rec.partition,
                         "offset": rec.offset,
                         "in_ts_ms": rec.timestamp,
                     }
                     self._futures.append(self._producer.send(t.scores, key=res.tx_id, value=out))
-                    if res.alert:
+                    if res.is_alert:
                         self._futures.append(
                             self._producer.send(t.alerts, key=res.tx_id, value=out)
                         )
                         self.alerts += 1
                         self.metrics.alerts.inc()
                     self._pending_lat.append(rec.timestamp / 1000.0)
-                    self.quality.scored_one(res.tx_id, res.score, res.alert)
+                    self.quality.scored_one(res.tx_id, res.score, res.is_alert)
                     self.scored += 1
                     part.events += 1
                     part.since_checkpoint += 1
@@ -523,6 +532,9 @@ class FraudService:
         from kafka import TopicPartition
 
         t = self.config.topics
+        for part in self.parts.values():  # the online model's version moves as it learns
+            self.metrics.model.info({"version": part.scorer.model_version})
+            break
         for p, part in self.parts.items():
             for topic, nxt in ((t.transactions, part.tx_next), (t.labels, part.label_next)):
                 end = self._consumer.highwater(TopicPartition(topic, p))

@@ -76,7 +76,7 @@ def service_config(bootstrap: str, folder: Path, prefix: str = "", **kw: Any) ->
         checkpoint_dir=folder,
         group_id=f"{prefix}group",
         topics=topics,
-        scorer=ScorerConfig(label_delay=LABEL_DELAY, min_scores=20),
+        scorer=ScorerConfig(label_delay=LABEL_DELAY),
         **kw,
     )
 
@@ -93,14 +93,14 @@ def run_reference(bootstrap: str, folder: Path, partitions: int) -> Any:
 def states(folder: Path) -> dict[int, tuple[int, int, dict[str, Any]]]:
     """Per partition: (tx offset, label offset, comparable scorer state) from checkpoints."""
     from apps.finance.stream.checkpoint import CheckpointStore
-    from apps.finance.stream.scorer import ComponentScorer, ScorerConfig
+    from apps.finance.stream.scorer import PartitionScorer, ScorerConfig
 
     store = CheckpointStore(folder)
     out = {}
     for p in store.partitions():
         ck = store.load(p)
         assert ck is not None
-        sc = ComponentScorer(ScorerConfig(label_delay=LABEL_DELAY, min_scores=20))
+        sc = PartitionScorer(ScorerConfig(label_delay=LABEL_DELAY))
         sc.restore(ck.scorer)
         out[p] = (ck.tx_offset, ck.label_offset, sc.state())
     return out

@@ -8,10 +8,10 @@ import pytest
 
 from apps.finance import simulator
 from apps.finance.stream.producer import interleave
-from apps.finance.stream.scorer import ComponentScorer, ScorerConfig
+from apps.finance.stream.scorer import PartitionScorer, ScorerConfig
 
 
-def _run(scorer: ComponentScorer, msgs: list[Any]) -> list[float]:
+def _run(scorer: PartitionScorer, msgs: list[Any]) -> list[float]:
     scores = []
     for m in msgs:
         if m.topic_kind == "tx":
@@ -27,17 +27,17 @@ def test_restore_mid_stream_equals_uninterrupted() -> None:
     df = simulator.simulate(n_customers=40, n_terminals=60, n_days=6, seed=5)
     msgs = list(interleave(simulator.records(df), 86_400.0))
     cfg = ScorerConfig(label_delay="1d", min_scores=20)
-    ref = ComponentScorer(cfg)
+    ref = PartitionScorer(cfg)
     ref_scores = _run(ref, msgs)
 
     cut = len(msgs) // 2
-    first = ComponentScorer(cfg)
+    first = PartitionScorer(cfg)
     head = _run(first, msgs[:cut])
-    resumed = ComponentScorer(cfg)
+    resumed = PartitionScorer(cfg)
     resumed.restore(first.snapshot())
     tail = _run(resumed, msgs[cut:])
     assert head + tail == ref_scores
-    assert resumed.labels_learned == ref.labels_learned > 0
+    assert resumed.scorer.n_labels == ref.scorer.n_labels > 0
     assert resumed.state() == ref.state()
 
 
@@ -45,8 +45,8 @@ def test_learning_changes_scores() -> None:
     df = simulator.simulate(n_customers=40, n_terminals=60, n_days=6, seed=5)
     msgs = list(interleave(simulator.records(df), 86_400.0))
     cfg = ScorerConfig(label_delay="1d", neg_rate=1.0)
-    learned = _run(ComponentScorer(cfg), msgs)
-    unlabelled = _run(ComponentScorer(cfg), [m for m in msgs if m.topic_kind == "tx"])
+    learned = _run(PartitionScorer(cfg), msgs)
+    unlabelled = _run(PartitionScorer(cfg), [m for m in msgs if m.topic_kind == "tx"])
     assert learned != unlabelled
 
 
