@@ -89,9 +89,9 @@ def save_detector(model: NoduleDetector, path: Path, run_id: str | None = None) 
     return path
 
 
-def _lung_mask(hu: np.ndarray) -> np.ndarray:
-    """Lungs (X, Y, Z) bool: air-like voxels inside the body, closed and dilated so nodules and
-    juxtapleural nodules stay inside."""
+def _lung_mask(hu: np.ndarray, margin_vox: int = 5) -> np.ndarray:
+    """Lungs (X, Y, Z) bool: air-like voxels inside the body, closed and dilated by
+    ``margin_vox`` so juxtapleural nodules (which merge with the chest wall) stay inside."""
     from scipy import ndimage
 
     body = ndimage.binary_fill_holes(hu > -500)
@@ -103,7 +103,7 @@ def _lung_mask(hu: np.ndarray) -> np.ndarray:
     keep = np.isin(lab, 1 + np.flatnonzero(sizes >= 0.02 * sizes.max()))
     keep = ndimage.binary_closing(keep, iterations=3)
     filled = np.stack([ndimage.binary_fill_holes(keep[:, :, k]) for k in range(keep.shape[2])], -1)
-    return ndimage.binary_dilation(filled, iterations=2)
+    return ndimage.binary_dilation(filled, iterations=margin_vox)
 
 
 def estimate_lobe(center_lps: np.ndarray, mask_world: dict[str, float]) -> str:

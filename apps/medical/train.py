@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -151,16 +152,24 @@ def train_detector(
     cases: list[CaseData],
     cfg: TrainConfig = TrainConfig(),
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    init: NoduleDetector | None = None,
 ) -> tuple[NoduleDetector, list[dict[str, float]]]:
-    """Train a fresh detector on ``cases``; returns the model (eval mode) and the loss history."""
+    """Train a detector on ``cases`` (fresh, or continued from ``init``); returns the model
+    (eval mode) and the loss history."""
     if not cases:
         raise ValueError("no training cases")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = NoduleDetector(channels=cfg.channels, spacing_mm=cfg.spacing_mm)
+    model = (
+        init
+        if init is not None
+        else NoduleDetector(channels=cfg.channels, spacing_mm=cfg.spacing_mm)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1
+    warm = max(1, cfg.steps // 10)
+    # linear warm-up then cosine decay (works for any step count, unlike OneCycleLR at < 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
     )
     model.train()
     history = []
