@@ -213,6 +213,8 @@ def model_card(name: str, version: str) -> dict[str, Any]:
             "size",
             "mb",
             "int8",
+            "fp32",
+            "dtype",
             "quant",
             "precision",
             "backbone",
