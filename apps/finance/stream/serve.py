@@ -128,6 +128,8 @@ class FraudService:
         self._raw_producer: Any = None
         self._pending_lat: list[float] = []
         self._futures: list[Any] = []
+        # sent but not yet acknowledged: (futures, offsets they complete, input timestamps)
+        self._inflight: deque[tuple[list[Any], dict[Any, Any], list[float]]] = deque()
         self._end_cache: dict[Any, tuple[float, int]] = {}
         self.http: Any = None
         self.scored = 0
@@ -291,6 +293,7 @@ class FraudService:
     def _checkpoint(self, part: _Part) -> None:
         if part.tx_next is None and part.label_next is None:
             return  # nothing consumed: the fresh state needs no file
+        self._flush()  # a checkpoint may only cover offsets whose outputs were delivered
         t = self.config.topics
         self.store.save(
             Checkpoint(
@@ -320,6 +323,7 @@ class FraudService:
         self.parts.clear()
         self._futures.clear()
         self._pending_lat.clear()
+        self._inflight.clear()
         log.warning("delivery failed; rewinding partitions %s to their checkpoints", owned)
         self._assign(owned)
 
@@ -348,9 +352,10 @@ class FraudService:
             done = sum(self._process(part) for part in list(self.parts.values()))
             try:
                 if done:
-                    self._flush()
-                    self._commit()
-                    self.last_output_at = time.monotonic()
+                    # no flush here: the producer keeps batching; offsets are committed by
+                    # _reap once every output they cover is acknowledged
+                    self._seal()
+                self._reap()
                 for part in list(self.parts.values()):
                     if part.since_checkpoint >= cfg.checkpoint_every:
                         self._checkpoint(part)
@@ -483,22 +488,39 @@ class FraudService:
             extra={"reason": reason},
         )
 
+    def _seal(self) -> None:
+        """Close the current batch of outputs with the offsets they complete."""
+        if self._futures or self._pending_lat:
+            self._inflight.append((self._futures, self._offsets(), self._pending_lat))
+            self._futures, self._pending_lat = [], []
+
+    def _reap(self, block: bool = False) -> None:
+        """Commit the offsets of batches whose outputs are all acknowledged, in order."""
+        while self._inflight:
+            futures, offsets, stamps = self._inflight[0]
+            if not block and not all(f.is_done for f in futures):
+                return
+            self._inflight.popleft()
+            failed = [f for f in futures if f.failed()]
+            if failed:
+                self._inflight.clear()
+                raise DeliveryError(f"{len(failed)} outputs not delivered: {failed[0].exception}")
+            now = time.time()
+            for ts in stamps:
+                self.metrics.latency.observe(max(0.0, now - ts))
+            self._commit(offsets)
+            self.last_output_at = time.monotonic()
+
     def _flush(self) -> None:
-        if not self._futures:
+        """Block until every output sent so far is acknowledged (before checkpoints)."""
+        self._seal()
+        if not self._inflight:
             return
         self._producer.flush()
         self._raw_producer.flush()
-        failed = [f for f in self._futures if f.failed()]
-        self._futures.clear()
-        if failed:
-            self._pending_lat.clear()
-            raise DeliveryError(f"{len(failed)} outputs not delivered: {failed[0].exception}")
-        now = time.time()
-        for ts in self._pending_lat:
-            self.metrics.latency.observe(max(0.0, now - ts))
-        self._pending_lat.clear()
+        self._reap(block=True)
 
-    def _commit(self) -> None:
+    def _offsets(self) -> dict[Any, Any]:
         from kafka import TopicPartition
         from kafka.structs import OffsetAndMetadata
 
@@ -509,10 +531,19 @@ class FraudService:
                 offsets[TopicPartition(t.transactions, p)] = OffsetAndMetadata(part.tx_next, "", -1)
             if part.label_next is not None:
                 offsets[TopicPartition(t.labels, p)] = OffsetAndMetadata(part.label_next, "", -1)
+        return offsets
+
+    def _commit(self, offsets: dict[Any, Any] | None = None, sync: bool = False) -> None:
+        offsets = self._offsets() if offsets is None else offsets
         if not offsets:
             return
         try:
-            self._consumer.commit(offsets)
+            # async: the outputs are acknowledged already, and the checkpoints (not the
+            # group's offsets) are what a restart resumes from
+            if sync:
+                self._consumer.commit(offsets)
+            else:
+                self._consumer.commit_async(offsets, callback=_commit_failed)
         except Exception as exc:  # a rebalance in progress; checkpoints hold the truth
             log.warning("offset commit failed: %s", exc)
 
@@ -558,7 +589,7 @@ class FraudService:
             if self._consumer is not None and self._producer is not None:
                 try:
                     self._flush()
-                    self._commit()
+                    self._commit(sync=True)
                     for part in list(self.parts.values()):
                         self._checkpoint(part)
                 except DeliveryError as exc:
@@ -573,6 +604,11 @@ class FraudService:
             if self.http is not None:
                 self.http.shutdown()
             log.info("stopped", extra=self.summary())
+
+
+def _commit_failed(offsets: Any, response: Any) -> None:
+    if isinstance(response, Exception):
+        log.warning("offset commit failed: %s", response)
 
 
 def _ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
