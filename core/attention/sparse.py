@@ -11,6 +11,7 @@ memory: long sequences are processed in segments so no (L, 3·dim) projection is
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -83,7 +84,7 @@ class DynamicSparseAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.scorer = nn.Linear(dim, 1)  # one importance score per token, shared by the heads
-        self.gate = nn.Linear(dim, heads)  # per token and head: weight of local vs global
+        self.gate = nn.Linear(dim, heads)  # per token and head: share of the global branch
 
     # ------------------------------------------------------------------ public
     def forward(
@@ -107,51 +108,26 @@ class DynamicSparseAttention(nn.Module):
         mask = self._check(x, padding_mask)
         if force_gate not in (None, "local", "global"):
             raise ValueError(f"force_gate must be None, 'local' or 'global', got {force_gate!r}")
-        B, L, D = x.shape
-        use_global = self.top_k > 0 and force_gate != "local"
         if force_gate == "global" and self.top_k == 0:
             raise ValueError("force_gate='global' needs top_k > 0")
+        L = x.shape[1]
         p = self.dropout if self.training else 0.0
 
-        # ---- global branch inputs: score every token, gather the top-k, project only those.
-        idx: torch.Tensor | None = None
-        kg = vg = gmask = None
-        if use_global:
-            scores = self.scorer(x).squeeze(-1)  # (B, L)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            k_eff = min(self.top_k, L)
-            if self.training and self.select_noise > 0:
-                # Noisy top-k (as in sparsely-gated MoE): a token the scorer ranks low still gets
-                # picked now and then, so its usefulness can reach the scorer's gradient.
-                noisy = scores + self.select_noise * torch.randn_like(scores)
-                idx = noisy.topk(k_eff, dim=-1).indices
-                top = scores.gather(1, idx)
-            else:
-                top, idx = scores.topk(k_eff, dim=-1)  # (B, k)
-            xg = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))  # (B, k, D)
-            w_kv, b_kv = self.qkv.weight[D:], self.qkv.bias[D:]
-            kvg = F.linear(xg, w_kv, b_kv).view(B, -1, 2, self.heads, self.head_dim)
-            kg = kvg[:, :, 0].transpose(1, 2)  # (B, H, k, hd)
-            # Scaling values by sigmoid(score) is what lets gradients reach the scorer: top-k
-            # itself is piecewise constant.
-            vg = kvg[:, :, 1].transpose(1, 2) * torch.sigmoid(top)[:, None, :, None]
-            if mask is not None:  # fewer real tokens than k: padding was picked, hide it
-                gmask = torch.isfinite(top)[:, None, None, :]  # (B, 1, 1, k)
+        glob: _Globals | None = None
+        if self.top_k > 0 and force_gate != "local":
+            glob = self._globals(x, mask, force_gate)
 
         if self.window >= L:  # the local window covers everything: plain dense attention
-            outs = [self._segment(x, mask, 0, L, kg, vg, gmask, force_gate, p, dense=True)]
+            y = self._rows(x, mask, 0, L, glob, p, dense=True)
         else:
-            outs = [
-                self._segment(
-                    x, mask, s, min(s + self.segment_len, L), kg, vg, gmask, force_gate, p
-                )
+            parts = [
+                self._rows(x, mask, s, min(s + self.segment_len, L), glob, p)
                 for s in range(0, L, self.segment_len)
             ]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if mask is not None:
             y = y * mask.unsqueeze(-1).to(y.dtype)
-        return y, idx
+        return y, None if glob is None else glob.idx
 
     # ----------------------------------------------------------------- helpers
     def _check(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -170,56 +146,82 @@ class DynamicSparseAttention(nn.Module):
             raise ValueError("padding_mask has a sequence with no real tokens")
         return None if bool(mask.all()) else mask
 
-    def _segment(
+    def _globals(
+        self, x: torch.Tensor, mask: torch.Tensor | None, force_gate: Gate | None
+    ) -> _Globals:
+        """Score every token, pick the top-k per sequence, project only those to K/V."""
+        B, L, D = x.shape
+        # Scorer and gate read the same x: one small GEMM for both. (B, L, 1 + H)
+        route = F.linear(
+            x,
+            torch.cat([self.scorer.weight, self.gate.weight]),
+            torch.cat([self.scorer.bias, self.gate.bias]),
+        )
+        scores = route[..., 0]  # (B, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        k = min(self.top_k, L)
+        if self.training and self.select_noise > 0:
+            # Noisy top-k (as in sparsely-gated MoE): a token the scorer ranks low still gets
+            # picked now and then, so its usefulness can reach the scorer's gradient.
+            noisy = scores + self.select_noise * torch.randn_like(scores)
+            idx = noisy.topk(k, dim=-1).indices
+            top = scores.gather(1, idx)
+        else:
+            top, idx = scores.topk(k, dim=-1)  # (B, k)
+        xg = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))  # (B, k, D)
+        kv = F.linear(xg, self.qkv.weight[D:], self.qkv.bias[D:])
+        kv = kv.view(B, k, 2, self.heads, self.head_dim)
+        # Scaling values by sigmoid(score) is what lets gradients reach the scorer: top-k itself
+        # is piecewise constant.
+        v = kv[:, :, 1].transpose(1, 2) * torch.sigmoid(top)[:, None, :, None]  # (B, H, k, hd)
+        # With fewer real tokens than k some picks are padding: hide them.
+        kmask = None if mask is None else torch.isfinite(top)[:, None, None, :]  # (B, 1, 1, k)
+        share = None if force_gate == "global" else torch.sigmoid(route[..., 1:]).unsqueeze(-1)
+        return _Globals(idx, kv[:, :, 0].transpose(1, 2), v, kmask, share)
+
+    def _rows(
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None,
         start: int,
         end: int,
-        kg: torch.Tensor | None,
-        vg: torch.Tensor | None,
-        gmask: torch.Tensor | None,
-        force_gate: Gate | None,
+        glob: _Globals | None,
         p: float,
         dense: bool = False,
     ) -> torch.Tensor:
         """Output rows [start, end) of the layer: local + global attention, gate, projection."""
         B, S = x.shape[0], end - start
         if dense:
-            local, q_rows, x_rows = self._dense(x, mask, p)
+            local, q = self._dense(x, mask, p)
         else:
-            local, q_rows, x_rows = self._local(x, mask, start, end, p)
-
-        if force_gate == "local" or kg is None:
-            mixed = local
-        else:
-            assert vg is not None
-            glob = F.scaled_dot_product_attention(q_rows, kg, vg, attn_mask=gmask, dropout_p=p)
-            glob = glob.transpose(1, 2)  # (B, S, H, hd)
-            if force_gate == "global":
-                mixed = glob
-            else:
-                g = torch.sigmoid(self.gate(x_rows)).unsqueeze(-1)  # (B, S, H, 1)
-                mixed = torch.lerp(glob, local, g)  # g·local + (1-g)·glob in one kernel
+            local, q = self._local(x, mask, start, end, p)
+        mixed = local  # (B, S, H, hd), contiguous
+        if glob is not None:
+            g = F.scaled_dot_product_attention(q, glob.k, glob.v, attn_mask=glob.kmask, dropout_p=p)
+            g = g.transpose(1, 2)  # (B, S, H, hd)
+            # local + share·(global − local); local first so the result keeps its layout.
+            # No share means force_gate="global".
+            mixed = g if glob.share is None else torch.lerp(local, g, glob.share[:, start:end])
         return self.out(mixed.reshape(B, S, self.dim))
 
     def _dense(
         self, x: torch.Tensor, mask: torch.Tensor | None, p: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dense attention over the whole sequence (what the local branch is when window >= L).
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense attention over the whole sequence (the local branch when window >= L).
 
-        Returns the output (B, L, H, hd), the queries (B, H, L, hd) and the input rows x.
+        Returns the output (B, L, H, hd) and the queries (B, H, L, hd) for the global branch.
         """
         B, L, _ = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, hd)
         am = None if mask is None else mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=p)
-        return out.transpose(1, 2), q, x
+        return out.transpose(1, 2).contiguous(), q
 
     def _local(
         self, x: torch.Tensor, mask: torch.Tensor | None, start: int, end: int, p: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block-local attention for query rows [start, end) (same returns as ``_dense``)."""
         B, L, D = x.shape
         H, hd, b = self.heads, self.head_dim, self.block
@@ -228,10 +230,10 @@ class DynamicSparseAttention(nn.Module):
         # Tokens needed: one block of halo on each side; out-of-range positions are zero-padded
         # and masked, which keeps every block the same shape.
         lo, hi = start - b, start + (n + 1) * b
-        xs = x[:, max(lo, 0) : min(hi, L)]
         pad_l, pad_r = max(0, -lo), max(0, hi - L)
-        if pad_l or pad_r:
-            xs = F.pad(xs, (0, 0, pad_l, pad_r))
+        xs = x[:, max(lo, 0) : min(hi, L)]
+        if pad_l or pad_r:  # one pass (F.pad would fill everything, then copy)
+            xs = torch.cat([x.new_zeros(B, pad_l, D), xs, x.new_zeros(B, pad_r, D)], dim=1)
         T = (n + 2) * b
         # Lay the B rows end to end as one flat run of B*(n+2) blocks: window w is blocks
         # (w, w+1, w+2) and its queries are block w+1. Every window is then an overlapping
@@ -259,5 +261,15 @@ class DynamicSparseAttention(nn.Module):
         out = out.view(B, -1, H, b, hd)[:, :n].permute(0, 1, 3, 2, 4)
         out = out.reshape(B, n * b, H, hd)[:, :S]  # (B, S, H, hd)
         q_rows = qkv.view(B, T, 3, H, hd)[:, b : b + S, 0].transpose(1, 2)  # (B, H, S, hd)
-        x_rows = xs[:, b : b + S]
-        return out, q_rows, x_rows
+        return out, q_rows
+
+
+@dataclass
+class _Globals:
+    """What every segment needs from the global branch."""
+
+    idx: torch.Tensor  # (B, k) chosen positions
+    k: torch.Tensor  # (B, H, k, hd)
+    v: torch.Tensor  # (B, H, k, hd), scaled by sigmoid(score)
+    kmask: torch.Tensor | None  # (B, 1, 1, k) real picks, or None when all are real
+    share: torch.Tensor | None  # (B, L, H, 1) gate: share of the global branch; None = all
