@@ -43,7 +43,9 @@ class DynamicSparseAttention(nn.Module):
             (exploration, so rarely-picked tokens can still earn a higher score).
 
     ``forward(x, padding_mask)`` maps ``x`` (B, L, dim) to (B, L, dim); ``padding_mask`` is
-    (B, L) bool with True for real tokens. Outputs at padding positions are zero.
+    (B, L) bool with True for real tokens. Outputs at padding positions are zero. Per token and
+    head the two branches mix as ``local + g·(global − local)`` with ``g = sigmoid(gate(x))``;
+    ``force_gate="local"`` / ``"global"`` pins ``g`` to 0 / 1.
 
     >>> attn = DynamicSparseAttention(dim=32, heads=4, window=8, top_k=2)
     >>> attn(torch.randn(2, 40, 32)).shape
