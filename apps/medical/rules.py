@@ -377,10 +377,10 @@ def icd10_codes(finding_ids: Sequence[str], risk: Risk) -> list[IcdCode]:
         out.append((code, f"history of {risk.malignancy or 'malignancy'} (clinical text)", ()))
     seen: set[str] = set()
     for s in risk.symptoms:
-        code = next((c for k, c in _SYMPTOM_CODES.items() if k in s.lower()), None)
-        if code and code not in seen:
-            seen.add(code)
-            out.append((code, f"{s} (clinical text)", ()))
+        sym = next((c for k, c in _SYMPTOM_CODES.items() if k in s.lower()), None)
+        if sym and sym not in seen:
+            seen.add(sym)
+            out.append((sym, f"{s} (clinical text)", ()))
     return [IcdCode(c, validate_icd10(c), why, ids) for c, why, ids in out]
 
 
