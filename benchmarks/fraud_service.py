@@ -94,7 +94,7 @@ def _scorer(bootstrap: str, n: int, partitions: int) -> float:
                     dlq=f"bench.dlq.{run}",
                 ),
                 partitions=partitions,
-                idle_exit_s=1.0,
+                idle_exit_s=2.0,
                 scorer=ScorerConfig(label_delay="1d"),
             )
         )

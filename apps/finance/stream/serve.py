@@ -377,6 +377,7 @@ class FraudService:
             elif (
                 cfg.idle_exit_s is not None
                 and self._assigned_at  # the group join itself takes seconds
+                and not any(part.tx for part in self.parts.values())  # blocked is not idle
                 and time.monotonic() - last_work > cfg.idle_exit_s
             ):
                 log.info("idle for %.1fs; stopping", cfg.idle_exit_s)
@@ -385,7 +386,8 @@ class FraudService:
     def _process(self, part: _Part) -> int:
         """Score what can be scored in ``part``; returns how many records were consumed."""
         t = self.config.topics
-        n = 0
+        n = scored = 0
+        threshold = 0.0
         while part.tx:
             rec, checked = part.tx[0]
             if isinstance(checked, Rejected):
@@ -424,11 +426,14 @@ class FraudService:
                     self.scored += 1
                     part.events += 1
                     part.since_checkpoint += 1
-                    self.metrics.events.labels(str(part.partition)).inc()
-                    self.metrics.threshold.labels(str(part.partition)).set(res.threshold)
+                    scored += 1
+                    threshold = res.threshold
             part.tx.popleft()
             part.tx_next = rec.offset + 1
             n += 1
+        if scored:  # metrics once per batch, not per event: label lookups take locks
+            self.metrics.events.labels(str(part.partition)).inc(scored)
+            self.metrics.threshold.labels(str(part.partition)).set(threshold)
         return n
 
     def _apply_labels(self, part: _Part, ts: float) -> bool:
