@@ -811,18 +811,8 @@ def overlay_slice(
 
 
 # --------------------------------------------------------------------------- manufacturing
-def heat_overlay(rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """(H, W, 3) uint8 image + (H, W) anomaly map in [0, 1] -> (H, W, 3) uint8 with the map in
-    red where it is high (the defect detector's overlay)."""
-    if rgb.shape[:2] != amap.shape:
-        raise ValueError(f"anomaly map {amap.shape} does not match the image {rgb.shape[:2]}")
-    a = (alpha * np.clip(amap.astype(np.float32), 0.0, 1.0))[..., None]
-    red = np.zeros_like(rgb, dtype=np.float32)
-    red[..., 0] = 255.0
-    return (rgb.astype(np.float32) * (1 - a) + red * a).round().astype(np.uint8)
-
-
 MAX_UPLOAD_MB = 10.0
+MIN_SIDE = 32  # as apps.manufacturing.service.load_image: smaller parts cannot be scored
 
 
 @dataclass
@@ -849,8 +839,10 @@ def check_upload(name: str, data: bytes, max_mb: float = MAX_UPLOAD_MB) -> Uploa
         img.load()
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         return UploadCheck(name, False, f"not a readable image ({type(exc).__name__})")
-    if min(img.size) < 16:
-        return UploadCheck(name, False, f"too small ({img.size[0]}×{img.size[1]} px; need ≥ 16)")
+    if min(img.size) < MIN_SIDE:
+        return UploadCheck(
+            name, False, f"too small ({img.size[0]}×{img.size[1]} px; need ≥ {MIN_SIDE} per side)"
+        )
     return UploadCheck(name, True, "ok", img.convert("RGB"))
 
 

@@ -22,37 +22,49 @@ def _col(df: pd.DataFrame, names: tuple[str, ...]) -> str | None:
     return next((c for c in names if c in df.columns), None)
 
 
-@st.cache_resource(show_spinner="Loading the defect detector…")
 def _detector() -> Any:
-    """The champion detector through the app's inference seam, or ``None`` when it is not there
-    yet (the page then says which command makes one)."""
-    try:
-        from apps.manufacturing import service  # type: ignore[attr-defined]
-    except ImportError:
+    """The champion detector through the app's seam, or ``None`` when there is none yet (the
+    page then says which command makes one). A missing MLflow store is not created."""
+    store = data.mlflow_store_state()
+    if not store["exists"]:
         return None
-    for name in ("load_champion", "load_detector", "load"):
-        loader = getattr(service, name, None)
-        if callable(loader):
-            try:
-                return loader()
-            except Exception:
-                return None
-    return None
+    try:
+        models = data.cached_registered_models(store["uri"])
+    except Exception:
+        return None
+    mine = models[(models["app"] == "manufacturing") & models["champion"].notna()]
+    if mine.empty:
+        return None
+    return _load_detector(str(mine.iloc[0]["model"]), str(mine.iloc[0]["champion"]))
+
+
+@st.cache_resource(show_spinner="Loading the defect detector…", max_entries=2)
+def _load_detector(name: str, version: str) -> Any:
+    """One model snapshot per registered version (``version`` keys the cache)."""
+    try:
+        from apps.manufacturing.service import load_champion
+
+        return load_champion(name)
+    except Exception:  # not a detector, artifacts missing: the page explains instead
+        return None
 
 
 def _predict(detector: Any, image: Any) -> dict[str, Any] | None:
-    """Score one PIL image with the seam's ``predict([image])`` (``FewShotDetector.predict``
-    returns ``DefectResult(score, is_defect, defect_type, anomaly_map)`` per image)."""
+    """Score one PIL image through the seam (``DefectService.predict`` returns
+    ``DefectResult(score, is_defect, defect_type, anomaly_map)`` per image)."""
     fn = getattr(detector, "predict", None)
     if fn is None:
         return None
-    out = fn([image])
+    from apps.manufacturing.service import overlay
+
+    rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    out = fn([rgb])
     res = out[0] if isinstance(out, list | tuple) else out
     fields = ("score", "is_defect", "defect_type", "anomaly_map")
     got = dict(res) if isinstance(res, dict) else {k: getattr(res, k, None) for k in fields}
     amap = got.get("anomaly_map")
-    if amap is not None:
-        got["overlay"] = data.heat_overlay(np.asarray(image.convert("RGB")), np.asarray(amap))
+    if amap is not None:  # the seam's overlay: the same picture the batch job writes
+        got["overlay"] = overlay(rgb, np.asarray(amap))
     return got
 
 
@@ -148,6 +160,13 @@ def _batch_results() -> None:
     except ValueError as exc:
         st.error(str(exc))
         return
+    if "error" in df.columns:  # files the batch could not score, with the reason
+        failed = df["error"].fillna("").astype(str).str.len() > 0
+        if failed.any():
+            st.warning(f"{int(failed.sum())} file(s) could not be scored:")
+            cols = [c for c in (*_IMAGE_COLS, "error") if c in df.columns]
+            st.dataframe(df.loc[failed, cols], hide_index=True, width="stretch", key="mfg_errors")
+        df = df[~failed]
     score_col, type_col = _col(df, _SCORE_COLS), _col(df, _TYPE_COLS)
     view = df
     if score_col is not None and pd.api.types.is_numeric_dtype(df[score_col]) and len(df):
@@ -156,9 +175,11 @@ def _batch_results() -> None:
             cut = st.slider("Minimum score", lo, hi, lo, key="mfg_min_score")
             view = view[view[score_col] >= cut]
     if type_col is not None:
-        kinds = sorted(df[type_col].dropna().astype(str).unique())
+        # normal parts have no defect type: keep them selectable instead of silently hidden
+        types = df[type_col].fillna("").astype(str).replace("", "(none)")
+        kinds = sorted(types.unique())
         keep = st.multiselect("Type", kinds, default=kinds, key="mfg_types")
-        view = view[view[type_col].astype(str).isin(keep)]
+        view = view[types.loc[view.index].isin(keep)]
     st.caption(f"{len(view):,} of {len(df):,} images")
     st.dataframe(view, hide_index=True, width="stretch", key="mfg_table")
     ov = _col(view, _OVERLAY_COLS) or _col(view, _IMAGE_COLS)

@@ -136,19 +136,24 @@ def write_medical_batch(batch: Path) -> None:
 
 
 def write_defect_outputs(root: Path) -> None:
-    """Six surface images, their overlays and a prediction CSV."""
+    """Six surface images, their overlays and the CSV ``vigil defect predict`` writes
+    (``path,score,is_defect,defect_type,error,overlay``), plus one unreadable file."""
     rng = np.random.default_rng(2)
     imgs, ovs = root / "images", root / "overlays"
     imgs.mkdir(parents=True)
     ovs.mkdir(parents=True)
-    rows = ["image,score,type,overlay"]
+    rows = ["path,score,is_defect,defect_type,error,overlay"]
     for i in range(6):
         arr = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
         Image.fromarray(arr).save(imgs / f"part_{i}.png")
         arr[20:40, 20:40, 0] = 255
-        Image.fromarray(arr).save(ovs / f"part_{i}.png")
-        kind = "good" if i < 3 else ("scratch" if i < 5 else "hole")
-        rows.append(f"images/part_{i}.png,{0.1 * i + 0.05:.3f},{kind},overlays/part_{i}.png")
+        Image.fromarray(arr).save(ovs / f"{i:05d}_part_{i}.png")
+        kind = "" if i < 3 else ("scratch" if i < 5 else "hole")
+        rows.append(
+            f"{imgs / f'part_{i}.png'},{0.1 * i + 0.05:.6f},{str(i >= 3).lower()},{kind},,"
+            f"{ovs / f'{i:05d}_part_{i}.png'}"
+        )
+    rows.append(f"{imgs / 'broken.png'},,,,unreadable image (OSError: truncated),")
     (root / "predictions.csv").write_text("\n".join(rows) + "\n")
 
 

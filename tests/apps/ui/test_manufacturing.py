@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from apps.ui import data
@@ -33,7 +32,7 @@ def test_upload_accepts_images_and_explains_bad_files(_isolated_home: Path) -> N
     bad = at.dataframe[0].value
     reasons = dict(zip(bad["file"], bad["reason"], strict=True))
     assert set(reasons) == {"fake.png", "tiny.png"}
-    assert "not a readable image" in reasons["fake.png"] and "too small" in reasons["tiny.png"]
+    assert "not a readable image" in reasons["fake.png"] and "need ≥ 32" in reasons["tiny.png"]
     assert any("1 image(s) accepted" in t for t in texts(at.success))
     assert any(c == "good.png" for img in at.image for c in img.captions)
     # no detector registered in an empty home: the page says how to get one
@@ -53,15 +52,19 @@ def test_folder_and_batch_results(ui_home: Path) -> None:
     at.slider(key="mfg_n").set_value(3).run()
     folder_caps = [c for img in at.image for c in img.captions if c.startswith("part_")]
     assert len(folder_caps) >= 3
-    # batch results: all 6 rows, then filtered by score and type
-    table = at.dataframe[0].value
-    assert len(table) == 6 and set(table["type"]) == {"good", "scratch", "hole"}
+    # batch results: the unreadable file is explained, the 6 scored rows are listed
+    assert any("1 file(s) could not be scored" in t for t in texts(at.warning))
+    errors = at.dataframe[0].value
+    assert list(errors["error"]) == ["unreadable image (OSError: truncated)"]
+    table = at.dataframe[1].value
+    assert len(table) == 6
+    assert at.multiselect(key="mfg_types").options == ["(none)", "hole", "scratch"]
     at.slider(key="mfg_min_score").set_value(0.3).run()
-    assert (at.dataframe[0].value["score"] >= 0.3).all()
+    assert (at.dataframe[1].value["score"] >= 0.3).all()
     at.multiselect(key="mfg_types").set_value(["hole"]).run()
-    only = at.dataframe[0].value
-    assert list(only["type"]) == ["hole"]
-    assert any("part_5.png" in c for img in at.image for c in img.captions)  # its overlay
+    only = at.dataframe[1].value
+    assert list(only["defect_type"]) == ["hole"]
+    assert any("00005_part_5.png" in c for img in at.image for c in img.captions)  # its overlay
     assert not at.exception
 
 
@@ -75,13 +78,3 @@ def test_model_card_of_the_champion(ui_home: Path, mlflow_store: str) -> None:
     card = dict(zip(tables[0]["field"], tables[0]["value"], strict=True))
     assert card["model"] == "vigil-defect" and card["version"] == "1"
     assert card["shots"] == "8" and card["int8"] == "True" and card["size_mb"] == "2.1"
-
-
-def test_heat_overlay_marks_the_anomaly_red() -> None:
-    rgb = np.full((8, 8, 3), 100, np.uint8)
-    amap = np.zeros((8, 8), np.float32)
-    amap[2, 3] = 1.0
-    out = data.heat_overlay(rgb, amap)
-    assert out[2, 3].tolist() == [178, 50, 50] and out[0, 0].tolist() == [100, 100, 100]
-    with pytest.raises(ValueError, match="does not match"):
-        data.heat_overlay(rgb, np.zeros((4, 4)))
