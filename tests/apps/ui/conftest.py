@@ -167,8 +167,9 @@ def ui_home(_isolated_home: Path) -> Path:
     return _isolated_home
 
 
-def log_runs(uri: str) -> None:
-    """A finance run with a metric history and a manufacturing run, each registered as champion."""
+def log_runs(uri: str, register_defect: bool = True) -> None:
+    """A finance run with a metric history and a manufacturing run, registered as champions
+    (the defect one optionally: pages then try to load it, which costs seconds)."""
     from mlflow import MlflowClient
 
     from core import tracking
@@ -183,7 +184,8 @@ def log_runs(uri: str) -> None:
         tracking.log_metrics({"threshold": 0.5, "size_mb": 2.1, "auroc": 0.97})
     mfg = run.info.run_id
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    for name, rid in (("vigil-fraud", fin), ("vigil-defect", mfg)):
+    models = [("vigil-fraud", fin)] + ([("vigil-defect", mfg)] if register_defect else [])
+    for name, rid in models:
         client.create_registered_model(name)
         mv = client.create_model_version(name, source=f"runs:/{rid}/model", run_id=rid)
         client.set_registered_model_alias(name, "champion", mv.version)

@@ -40,7 +40,7 @@ def ui_server(ui_home: Path, mlflow_store: str, tmp_path: Path) -> Iterator[str]
     """`vigil ui` serving the test's $VIGIL_HOME (demo outputs + a store with champions)."""
     from tests.apps.ui.conftest import log_runs
 
-    log_runs(mlflow_store)
+    log_runs(mlflow_store, register_defect=False)
     port = free_port()
     log = (tmp_path / "ui.log").open("wb")
     proc = subprocess.Popen(

@@ -68,7 +68,7 @@ def test_folder_and_batch_results(ui_home: Path) -> None:
     assert not at.exception
 
 
-def test_model_card_of_the_champion(ui_home: Path, mlflow_store: str) -> None:
+def test_model_card_of_the_champion(_isolated_home: Path, mlflow_store: str) -> None:
     from tests.apps.ui.conftest import log_runs
 
     log_runs(mlflow_store)
