@@ -98,7 +98,7 @@ def test_overfits_one_batch() -> None:
     }
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
-    for _ in range(60):
+    for _ in range(50):
         loss = detection_loss(model(x), t)["total"]
         first = first if first is not None else float(loss)
         opt.zero_grad()
