@@ -94,36 +94,49 @@ def _scorer(bootstrap: str, n: int, partitions: int) -> float:
                     dlq=f"bench.dlq.{run}",
                 ),
                 partitions=partitions,
-                idle_exit_s=2.0,
                 scorer=ScorerConfig(label_delay="1d"),
             )
         )
-        svc.run()
+        worker = threading.Thread(target=svc.run, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 300
+        while svc.scored < n and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        svc.stop()
+        worker.join(60)
     if svc.scored < n or svc.first_input_at is None or svc.last_output_at is None:
         raise RuntimeError(f"scorer scored {svc.scored}/{n} events")
     return svc.scored / (svc.last_output_at - svc.first_input_at)
 
 
 def _latency(
-    bootstrap: str, seconds: float, rate: float, partitions: int, workdir: Path
+    bootstrap: str,
+    seconds: float,
+    rate: float,
+    partitions: int,
+    workdir: Path,
+    mode: str = "scorer",
 ) -> dict[str, Any]:
-    """Service in a subprocess; produce at ``rate`` ev/s here; end-to-end latency per score."""
+    """Service (or raw passthrough) in a subprocess; produce at ``rate`` ev/s; latency per output."""
     from apps.finance import simulator
     from apps.finance.stream.producer import interleave, publish
     from core.broker import create_topics, make_consumer
 
     n = int(seconds * rate)
-    topics = {"transactions": "lat.transactions", "labels": "lat.labels"}
+    prefix = f"lat-{mode}"
+    topics = {"transactions": f"{prefix}.transactions", "labels": f"{prefix}.labels"}
     create_topics(bootstrap, list(topics.values()), partitions=partitions)
     cmd = [
         sys.executable,
         "-c",
         "import sys, typer; from benchmarks.fraud_service import _serve_latency_topics as f; typer.run(f)",
         bootstrap,
-        str(workdir / "lat-ck"),
+        str(workdir / f"{prefix}-ck"),
         str(partitions),
+        "--mode",
+        mode,
     ]
-    log = open(workdir / "latency-service.log", "wb")  # noqa: SIM115 - closed below
+    log = open(workdir / f"{prefix}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -132,7 +145,7 @@ def _latency(
         stderr=subprocess.STDOUT,
     )
     consumer = make_consumer(
-        bootstrap, "lat.scores", group_id=None, json_values=True, fetch_max_wait_ms=20
+        bootstrap, f"{prefix}.scores", group_id=None, json_values=True, fetch_max_wait_ms=20
     )
     lat: list[float] = []
     stop = threading.Event()
@@ -158,7 +171,7 @@ def _latency(
             time.sleep(0.5)
         if not lat:
             raise RuntimeError(
-                f"latency service did not answer: {(workdir / 'latency-service.log').read_text()[-1500:]}"
+                f"latency service did not answer: {(workdir / f'{prefix}.log').read_text()[-1500:]}"
             )
         time.sleep(0.5)
         lat.clear()
@@ -193,9 +206,16 @@ def _latency(
     }
 
 
-def _serve_latency_topics(bootstrap: str, checkpoint_dir: str, partitions: int) -> None:
-    """The latency phase's service process: the real service on the ``lat.*`` topics."""
+def _serve_latency_topics(
+    bootstrap: str, checkpoint_dir: str, partitions: int, mode: str = "scorer"
+) -> None:
+    """The latency phase's process: the real service, or the raw passthrough, on ``lat-<mode>.*``."""
     import signal
+
+    prefix = f"lat-{mode}"
+    if mode == "passthrough":
+        _passthrough_forever(bootstrap, prefix)
+        return
 
     from apps.finance.stream.scorer import ScorerConfig
     from apps.finance.stream.serve import FraudService, ServiceConfig, Topics
@@ -205,7 +225,9 @@ def _serve_latency_topics(bootstrap: str, checkpoint_dir: str, partitions: int) 
             bootstrap=bootstrap,
             checkpoint_dir=Path(checkpoint_dir),
             group_id="bench-latency",
-            topics=Topics("lat.transactions", "lat.labels", "lat.scores", "lat.alerts", "lat.dlq"),
+            topics=Topics(
+                *(f"{prefix}.{t}" for t in ("transactions", "labels", "scores", "alerts", "dlq"))
+            ),
             partitions=partitions,
             poll_ms=20,
             scorer=ScorerConfig(label_delay="1d"),
@@ -213,6 +235,34 @@ def _serve_latency_topics(bootstrap: str, checkpoint_dir: str, partitions: int) 
     )
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())
     svc.run()
+
+
+def _passthrough_forever(bootstrap: str, prefix: str) -> None:
+    """Raw consume → produce until SIGTERM; the output carries the input's timestamp."""
+    import signal
+
+    from core.broker import make_consumer, make_producer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    consumer = make_consumer(
+        bootstrap,
+        f"{prefix}.transactions",
+        group_id="bench-latency-pass",
+        json_values=False,
+        fetch_max_wait_ms=20,
+    )
+    producer = make_producer(bootstrap, linger_ms=1)
+    try:
+        while not stop.is_set():
+            for records in consumer.poll(timeout_ms=20).values():
+                for r in records:
+                    producer.send(f"{prefix}.scores", key=r.key, value={"in_ts_ms": r.timestamp})
+            consumer.commit_async()
+    finally:
+        producer.flush()
+        producer.close()
+        consumer.close()
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -232,6 +282,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             passthrough.append(_passthrough(bootstrap, n))
             scorer.append(_scorer(bootstrap, n, partitions))
         lat = _latency(bootstrap, 1.0 if quick else 10.0, 1000.0, partitions, Path(tmp))
+        lat_floor = _latency(
+            bootstrap, 1.0 if quick else 10.0, 1000.0, partitions, Path(tmp), "passthrough"
+        )
     pass_eps, score_eps = max(passthrough), max(scorer)
     ratio = score_eps / pass_eps
     return {
@@ -245,6 +298,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "p50_ms": lat["p50_ms"],
         "p99_ms": lat["p99_ms"],
         "latency": lat,
+        # the same harness around a raw consume → produce: the floor of this broker/client/machine
+        "passthrough_latency": lat_floor,
         "targets": {
             "ratio": {
                 "goal": "scorer ≥ 0.5 × raw passthrough",

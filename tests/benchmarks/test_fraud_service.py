@@ -19,6 +19,8 @@ def test_quick_bench_reports_both_sides_and_targets() -> None:
     assert out["ratio"] == pytest.approx(out["scorer_eps"] / out["passthrough_eps"], rel=1e-2)
     assert out["p50_ms"] <= out["p99_ms"] <= out["latency"]["max_ms"]
     assert out["latency"]["received"] == out["latency"]["sent"] == 1000
+    floor = out["passthrough_latency"]
+    assert floor["received"] == floor["sent"] == 1000 and 0 < floor["p50_ms"] <= floor["p99_ms"]
     t = out["targets"]
     assert t["ratio"]["met"] == (out["ratio"] >= 0.5)
     assert t["p99_ms"]["value"] == out["p99_ms"]

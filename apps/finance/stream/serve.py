@@ -138,6 +138,7 @@ class FraudService:
         self.rewinds = 0
         self._assigned_at = 0.0
         self._owned_at_stop: list[int] = []
+        self._offsets_at_stop: dict[int, int | None] = {}
         self.first_input_at: float | None = None  # monotonic; for throughput measurements
         self.last_output_at: float | None = None
 
@@ -257,7 +258,7 @@ class FraudService:
                     p,
                     ck.tx_offset,
                     ck.label_offset,
-                    extra={"partition": p, "events": ck.events},
+                    extra={"partition": p, "events": ck.events, "tx_offset": ck.tx_offset},
                 )
             else:
                 if self._champion is not None:
@@ -590,6 +591,8 @@ class FraudService:
 
     def _shutdown(self) -> None:
         self._owned_at_stop = sorted(self.parts)
+        # next transaction offset per owned partition (None: nothing read), for the stop log
+        self._offsets_at_stop = {p: part.tx_next for p, part in self.parts.items()}
         try:
             if self._consumer is not None and self._producer is not None:
                 try:
@@ -608,7 +611,7 @@ class FraudService:
                         log.warning("close failed: %s", exc)
             if self.http is not None:
                 self.http.shutdown()
-            log.info("stopped", extra=self.summary())
+            log.info("stopped", extra={**self.summary(), "tx_offsets": self._offsets_at_stop})
 
 
 def _commit_failed(offsets: Any, response: Any) -> None:
