@@ -1,22 +1,24 @@
 """Fast INT8 CPU inference: dynamic (per-call) INT8 activations × INT8 weights.
 
-Three maintained back ends were measured on all-MiniLM-L6-v2 (L=128, batch 1, 2 threads, AMD
-EPYC Zen 4 with AVX-512 VNNI, no AMX; ``vigil bench quantization`` re-measures on your CPU):
+Back ends measured on all-MiniLM-L6-v2 (8 sentences padded to 128 tokens, sentence-embedding
+cosine vs fp32; batch-1 speed-up vs torch fp32; AMD EPYC Zen 4, AVX-512 VNNI, no AMX; run
+``vigil bench quantization`` to re-measure on your CPU):
 
-* ``"torch"`` — fbgemm's dynamic quantized linear kernel (the ``torch.ao`` dynamic path) with
-  **per-channel** weights and, on VNNI CPUs, **full-range 8-bit activations**. ``torch.ao``'s
-  ``quantize_dynamic`` hard-codes ``reduce_range=True`` (7-bit activations, a workaround for
-  int16 saturation on pre-VNNI AVX2) and per-tensor weights: cosine 0.945 vs fp32 on MiniLM.
-  Per-channel + full range gives cosine 0.994 at the same ~2.3× speed-up. Needs no example input.
-* ``"ort"`` — ONNX Runtime ``quantize_dynamic`` (per-channel) of the exported graph: fastest
-  (~3×, and the weight file is 4× smaller) but needs example inputs to export, and the returned
-  module speaks tensors only (no HF ``ModelOutput``).
-* ``"torchao"`` — torchao ``Int8DynamicActivationInt8WeightConfig``: accurate (0.997) but no
-  faster than fp32 on this CPU without ``torch.compile``; available on request, not in ``auto``.
+* ``"torch"`` — fbgemm's dynamic quantized linear kernel (what ``torch.ao`` dynamic
+  quantization runs) with **per-channel** weights and, on VNNI CPUs, **full-range 8-bit
+  activations**: ~2.3×, cosine 0.993, no example input needed. ``torch.ao``'s own
+  ``quantize_dynamic`` is as fast but hard-codes ``reduce_range=True`` (7-bit activations, a
+  workaround for int16 saturation on pre-VNNI AVX2) and per-tensor weights: cosine 0.933.
+* ``"ort"`` — ONNX Runtime ``quantize_dynamic`` (per-channel) of the exported graph: ~3.1×,
+  cosine 0.991, 4× smaller file; needs example inputs to export, and the returned module speaks
+  tensors only (no HF ``ModelOutput``).
+* ``"torchao"`` — torchao ``Int8DynamicActivationInt8WeightConfig``: most accurate (0.997,
+  per-token activation scales) but no faster than fp32 here without ``torch.compile``;
+  available on request, not tried by ``auto``.
 
-``backend="auto"`` therefore measures ``torch`` and (given example inputs) ``ort`` on the
-caller's inputs and keeps the fastest one whose output cosine vs float is >= ``min_cosine``; the
-measurements are attached to the returned module as ``vigil_int8_selection``.
+``backend="auto"`` measures ``torch`` and (given example inputs) ``ort`` on the caller's inputs
+and keeps the fastest one whose output cosine vs float is >= ``min_cosine``; the measurements
+are attached to the returned module as ``vigil_int8_selection``.
 """
 
 from __future__ import annotations
