@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -46,7 +45,6 @@ def test_naive_block_matches_attention3d_full_mode() -> None:
         ours.gamma.fill_(0.5)
     x = torch.randn(2, C, 4, 5, 3)
     assert torch.allclose(naive(x), ours(x), atol=1e-5)
-    assert math.isclose(float(naive.gamma), 0.5)
 
 
 @pytest.mark.parametrize("method", ["vigil", "vigil_window", "vigil_axial", "naive", "monai"])
