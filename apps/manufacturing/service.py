@@ -253,7 +253,8 @@ def scan_dataset(root: str | Path) -> list[Category]:
     return cats
 
 
-def _load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
+def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """A mask PNG as a bool (H, W) array resized to ``shape`` (``None`` stays ``None``)."""
     if path is None:
         return None
     from PIL import Image
@@ -304,7 +305,7 @@ def fit_from_folders(
                 continue
             d_imgs.append(im)
             d_types.append(dtype)
-            d_masks.append(_load_mask(mpath, im.shape[:2]))
+            d_masks.append(load_mask(mpath, im.shape[:2]))
     det = FewShotDetector(**detector_kwargs)
     det.fit(normals, d_imgs or None, d_types or None, d_masks or None)
     report = {**det.fit_info, "skipped": [(str(p), r) for p, r in skipped]}
@@ -317,6 +318,47 @@ def _split(items: list[Any], k: int, rng: np.random.Generator) -> tuple[list[Any
     return [items[i] for i in order[:k]], [items[i] for i in order[k:]]
 
 
+Labelled = tuple[Path, str, Path | None]  # (image, defect type or None for good, mask)
+
+
+def split_category(
+    cat: Category, shots: int, defect_shots: int = 1, seed: int = 0
+) -> tuple[list[Path], list[Labelled], list[Labelled]]:
+    """Seeded few-shot split: (normal shots, labelled defects to fit, held-out test items).
+
+    Test items are the remaining good images (type ``None``) and defects; at least one defect
+    of each type is kept for testing."""
+    rng = np.random.default_rng(seed)
+    if len(cat.good) < shots + 1:
+        raise ValueError(f"{cat.name}: {len(cat.good)} good images; need > {shots} (shots + test)")
+    fit_good, test_good = _split(cat.good, shots, rng)
+    by_type: dict[str, list[Labelled]] = {}
+    for item in cat.defects:
+        by_type.setdefault(item[1], []).append(item)
+    fit_def: list[Labelled] = []
+    test_def: list[Labelled] = []
+    for t in sorted(by_type):
+        a, b = _split(by_type[t], min(defect_shots, max(len(by_type[t]) - 1, 0)), rng)
+        fit_def += a
+        test_def += b
+    if not test_def:
+        raise ValueError(f"{cat.name}: no defect images left to test on")
+    test: list[Labelled] = [(p, None, None) for p in test_good]  # type: ignore[misc]
+    return fit_good, fit_def, test + test_def
+
+
+def fit_detector(
+    normal: Sequence[Path], defects: Sequence[Labelled] = (), **detector_kwargs: Any
+) -> FewShotDetector:
+    """Fit a :class:`FewShotDetector` on image files (defects with their type and mask)."""
+    normals, _ = load_images(normal)
+    d_imgs = [load_image(p) for p, _, _ in defects]
+    d_masks = [load_mask(m, im.shape[:2]) for (_, _, m), im in zip(defects, d_imgs, strict=True)]
+    det = FewShotDetector(**detector_kwargs)
+    types = [str(t) for _, t, _ in defects]
+    return det.fit(normals, d_imgs or None, types or None, d_masks or None)
+
+
 def evaluate_category(
     cat: Category, shots: int, defect_shots: int = 1, seed: int = 0, **detector_kwargs: Any
 ) -> dict[str, Any]:
@@ -324,35 +366,15 @@ def evaluate_category(
     every other image. Metrics from scikit-learn."""
     from sklearn.metrics import f1_score, roc_auc_score
 
-    rng = np.random.default_rng(seed)
-    if len(cat.good) < shots + 1:
-        raise ValueError(f"{cat.name}: {len(cat.good)} good images; need > {shots} (shots + test)")
-    fit_good, test_good = _split(cat.good, shots, rng)
-    by_type: dict[str, list[tuple[Path, str, Path | None]]] = {}
-    for item in cat.defects:
-        by_type.setdefault(item[1], []).append(item)
-    fit_def: list[tuple[Path, str, Path | None]] = []
-    test_def: list[tuple[Path, str, Path | None]] = []
-    for t in sorted(by_type):
-        a, b = _split(by_type[t], min(defect_shots, max(len(by_type[t]) - 1, 0)), rng)
-        fit_def += a
-        test_def += b
-    if not test_def:
-        raise ValueError(f"{cat.name}: no defect images left to test on")
-    normals, _ = load_images(fit_good)
-    d_imgs = [load_image(p) for p, _, _ in fit_def]
-    d_masks = [_load_mask(m, im.shape[:2]) for (_, _, m), im in zip(fit_def, d_imgs, strict=True)]
-    det = FewShotDetector(**detector_kwargs)
-    det.fit(normals, d_imgs or None, [t for _, t, _ in fit_def] or None, d_masks or None)
-
-    test = [(p, None, None) for p in test_good] + test_def
+    fit_good, fit_def, test = split_category(cat, shots, defect_shots, seed)
+    det = fit_detector(fit_good, fit_def, **detector_kwargs)
     images = [load_image(p) for p, _, _ in test]
     results = det.predict(images, classify_all=True, raw_maps=True)
     y = np.array([t is not None for _, t, _ in test])
     raw = np.array([r.raw_score for r in results])
     pred = np.array([r.is_defect for r in results])
     masks = [
-        _load_mask(m, im.shape[:2])
+        load_mask(m, im.shape[:2])
         if t is not None and m is not None
         else np.zeros(im.shape[:2], bool)
         for (_, t, m), im in zip(test, images, strict=True)
@@ -371,7 +393,7 @@ def evaluate_category(
         ]
         type_acc = float(np.mean(hits))
     per_type = {}
-    for t in sorted(by_type):
+    for t in sorted({str(tt) for _, tt, _ in test if tt is not None}):
         sel = np.array([tt is None or tt == t for _, tt, _ in test])
         if (y[sel]).any():
             per_type[t] = float(roc_auc_score(y[sel], raw[sel]))
@@ -381,7 +403,7 @@ def evaluate_category(
         "f1": float(f1_score(y, pred)),
         "type_accuracy": type_acc,
         "per_type_auroc": per_type,
-        "n_fit_normal": len(normals),
+        "n_fit_normal": len(fit_good),
         "n_fit_defect": len(fit_def),
         "n_test": len(test),
         "threshold_method": det.calibration.method if det.calibration else None,

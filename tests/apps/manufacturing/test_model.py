@@ -1,0 +1,224 @@
+"""Detector: parity of its parts with references, behaviour on generated scenes, INT8 files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from apps.manufacturing.model import (
+    DefectNet,
+    FewShotDetector,
+    FPNNeck,
+    MobileNetV2Trunk,
+    greedy_coreset,
+    nearest_distance,
+)
+
+# ----------------------------------------------------------------------------- parts
+
+
+def test_trunk_with_folded_batchnorm_equals_torchvision() -> None:
+    from torchvision.models import mobilenet_v2
+
+    trunk = MobileNetV2Trunk()
+    ref = mobilenet_v2(weights="IMAGENET1K_V1").features.eval()
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        c8, c16 = trunk(x)
+        h = (x - trunk.mean) / trunk.std
+        r8 = ref[:7](h)
+        r16 = ref[7:14](r8)
+    assert c8.shape == (2, 32, 12, 12) and c16.shape == (2, 96, 6, 6)
+    torch.testing.assert_close(c8, r8, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(c16, r16, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_weights_say_run_vigil_assets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="vigil assets"):
+        MobileNetV2Trunk()
+
+
+def test_fpn_lite_and_full_fpn_compute_the_same_calibrated_function() -> None:
+    g = torch.Generator().manual_seed(0)
+    c8, c16 = torch.randn(3, 32, 8, 8, generator=g), torch.randn(3, 96, 4, 4, generator=g)
+    lite, full = FPNNeck(embed_dim=64, separable=True), FPNNeck(embed_dim=64, separable=False)
+    lite.calibrate(c8, c16)
+    full.calibrate(c8, c16)
+    with torch.no_grad():
+        a, b = lite(c8, c16), full(c8, c16)
+    assert a.shape == (3, 64, 8, 8)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    n_lite = sum(p.numel() for p in lite.parameters())
+    n_full = sum(p.numel() for p in full.parameters())
+    assert n_full > 3 * n_lite  # dense 3×3 vs depthwise + pointwise
+
+
+def test_calibrated_laterals_make_the_top_down_sum_a_standardised_concat() -> None:
+    g = torch.Generator().manual_seed(1)
+    c8 = 3 + 2 * torch.randn(4, 32, 8, 8, generator=g)
+    c16 = torch.randn(4, 96, 4, 4, generator=g)
+    neck = FPNNeck(embed_dim=128)
+    neck.calibrate(c8, c16)
+    with torch.no_grad():
+        lat8 = neck.lateral[0](c8)
+    # The fine scale lands standardised in the first 32 channels and nowhere else.
+    assert lat8[:, 32:].abs().max() < 1e-5
+    assert abs(float(lat8[:, :32].mean())) < 1e-3 and abs(float(lat8[:, :32].std()) - 1) < 0.05
+
+
+def test_nearest_distance_equals_cdist() -> None:
+    g = torch.Generator().manual_seed(2)
+    q, bank = torch.randn(300, 16, generator=g), torch.randn(500, 16, generator=g)
+    d, i = nearest_distance(q, bank, chunk=64)
+    ref = torch.cdist(q, bank)
+    torch.testing.assert_close(d, ref.min(1).values, atol=1e-4, rtol=1e-4)
+    assert torch.equal(i, ref.argmin(1))
+
+
+def test_greedy_coreset_covers_every_cluster() -> None:
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(6, 32, generator=g) * 50
+    x = (centres[:, None] + torch.randn(6, 200, 32, generator=g)).reshape(-1, 32)
+    idx = greedy_coreset(x, 6, proj_dim=16)
+    assert len(set(idx.tolist())) == 6
+    assert sorted((idx // 200).tolist()) == list(range(6))  # one point from each cluster
+    assert torch.equal(greedy_coreset(x, 5000), torch.arange(len(x)))  # fewer rows: keep all
+
+
+def test_constructor_arguments_are_validated() -> None:
+    with pytest.raises(ValueError, match="neck"):
+        DefectNet(neck="bifpn", pretrained=False)
+    with pytest.raises(ValueError, match="embed_dim"):
+        FPNNeck(embed_dim=300)
+    for kwargs in (
+        {"image_size": 100},
+        {"bank_size": 2},
+        {"sensitivity": 1.5},
+        {"engine": "tensorrt"},
+        {"augment": "all"},
+    ):
+        with pytest.raises(ValueError):
+            FewShotDetector(pretrained=False, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one normal"):
+        FewShotDetector(pretrained=False).fit([])
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+def test_detector_separates_defects_from_held_out_good_images(fitted, brick_scenes) -> None:
+    test = brick_scenes["good"] + brick_scenes["defects"][1::2]  # defects not used for fitting
+    y = np.array([s.defect_type is not None for s in test])
+    res = fitted.predict([s.image for s in test])
+    scores = np.array([r.score for r in res])
+    assert roc_auc_score(y, scores) >= 0.9
+    assert all(0.0 <= r.score <= 1.0 for r in res)
+    assert all(r.anomaly_map.shape == (224, 224) for r in res)
+    assert fitted.calibration.method == "f1"  # labelled defects were given
+
+
+def test_heat_map_peaks_on_the_defect(fitted, brick_scenes) -> None:
+    from scipy.ndimage import binary_dilation
+
+    local = [s for s in brick_scenes["defects"] if s.defect_type != "texture_shift"]
+    res = fitted.predict([s.image for s in local])
+    hits = 0
+    for s, r in zip(local, res, strict=True):
+        peak = np.unravel_index(np.argmax(r.anomaly_map), r.anomaly_map.shape)
+        hits += bool(binary_dilation(s.mask, iterations=12)[peak])
+    assert hits >= 0.8 * len(local), f"{hits}/{len(local)} heat-map peaks on the defect"
+
+
+def test_defect_types_are_learned_from_the_labelled_examples(fitted, brick_scenes) -> None:
+    labelled = brick_scenes["defects"][::2]
+    res = fitted.predict([s.image for s in labelled], classify_all=True)
+    acc = np.mean([r.defect_type == s.defect_type for r, s in zip(res, labelled, strict=True)])
+    assert acc >= 5 / 6  # the prototypes recognise the images they were built from
+    assert sorted(fitted.prototypes) == sorted({str(s.defect_type) for s in labelled})
+
+
+def test_normal_only_fit_uses_a_quantile_threshold_and_the_sensitivity_knob(brick_scenes) -> None:
+    det = FewShotDetector(engine="torch", bank_size=1024)
+    det.fit([s.image for s in brick_scenes["fit"]])
+    assert det.calibration is not None and det.calibration.method == "quantile"
+    assert det.prototypes == {} and det.fit_info["n_defect"] == 0
+    images = [s.image for s in brick_scenes["good"][:3]]
+    det.sensitivity = 1.0  # flag everything with a score ≥ 0
+    assert all(r.is_defect for r in det.predict(images))
+    det.sensitivity = 0.0  # flag only scores ≥ 1
+    res = det.predict(images)
+    assert all(r.is_defect == (r.score >= 1.0) for r in res)
+    assert all(r.defect_type is None for r in res)  # no labelled defects, no types
+
+
+def test_normalisation_puts_the_threshold_at_one_half(fitted) -> None:
+    cal = fitted.calibration
+    assert float(cal.normalise(cal.threshold)) == pytest.approx(0.5)
+    assert float(cal.normalise(cal.threshold * 10)) == 1.0 and float(cal.normalise(-1.0)) == 0.0
+
+
+def test_int8_file_is_small_and_predicts_like_the_fitted_model(
+    fitted, brick_scenes, tmp_path
+) -> None:
+    from core.quantization import read_header
+
+    path = fitted.save(tmp_path / "det.vdd")
+    assert path.stat().st_size <= 2.3e6
+    loaded = FewShotDetector.load(path, engine="torch")
+    images = [s.image for s in brick_scenes["good"] + brick_scenes["defects"][1::2]]
+    a, b = fitted.raw_scores(images), loaded.raw_scores(images)
+    # Only the bank's INT8 rounding separates the two (the weights were INT8 before fitting).
+    np.testing.assert_allclose(a, b, rtol=0.02)
+    ra, rb = fitted.predict(images, classify_all=True), loaded.predict(images, classify_all=True)
+    assert [r.defect_type for r in ra] == [r.defect_type for r in rb]
+    header = read_header(path)
+    assert header["metadata"]["int8"] is True
+    assert all(layer["bits"] == 8 for layer in header["layers"].values())
+
+
+def test_int8_stays_close_to_fp32(brick_scenes) -> None:
+    shots = [s.image for s in brick_scenes["fit"]]
+    test = brick_scenes["good"] + brick_scenes["defects"][1::2]
+    y = [s.defect_type is not None for s in test]
+    aucs = {}
+    for int8 in (False, True):
+        det = FewShotDetector(engine="torch", int8=int8, bank_size=1024).fit(shots)
+        aucs[int8] = roc_auc_score(y, det.raw_scores([s.image for s in test]))
+    assert aucs[True] >= aucs[False] - 0.03, aucs
+
+
+def test_saved_file_refuses_damage(fitted, tmp_path) -> None:
+    path = fitted.save(tmp_path / "det.vdd")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    bad = tmp_path / "bad.vdd"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        FewShotDetector.load(bad)
+    with pytest.raises(ValueError):
+        FewShotDetector.load(tmp_path / "missing.vdd")
+
+
+def test_onnx_runtime_embeddings_match_torch(fitted) -> None:
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = fitted.net.embed_torch(x)
+        fitted.net.use_onnx(True)
+        try:
+            got = fitted.net.embed(x)
+        finally:
+            fitted.net.use_onnx(False)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_unfitted_detector_refuses_to_predict() -> None:
+    det = FewShotDetector(pretrained=False, engine="torch")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        det.predict([np.zeros((64, 64, 3), np.uint8)])
