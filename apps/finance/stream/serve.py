@@ -468,7 +468,9 @@ class FraudService:
                 self._end_cache[tp] = (now, end)
             else:
                 end = cached[1]
-        position = self._consumer.position(tp) if part.label_next is None else part.label_next
+        # the fetch position, not label_next: it steps over offset gaps (compaction, control
+        # records), and with an empty buffer everything before it has been applied
+        position = self._consumer.position(tp)
         return bool(position is not None and end > position)
 
     def _to_dlq(self, rec: Any, reason: str, detail: str) -> None:
