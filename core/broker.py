@@ -374,6 +374,8 @@ def make_consumer(
         "enable_auto_commit": False,
         "key_deserializer": _key_de,
         "value_deserializer": json_loads if json_values else None,
+        # Tansu holds an empty fetch for the whole wait (default 500 ms): p50 latency 117 ms -> 13 ms.
+        "fetch_max_wait_ms": 20,
         **FAST_GROUP,
     }
     kw.update(overrides)
