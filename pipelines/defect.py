@@ -44,11 +44,6 @@ def _detector_kwargs(
     }
 
 
-def _new_detector_error(exc: Exception) -> UserError:
-    """Constructor/weights problems are the user's to fix: say what, without a traceback."""
-    return UserError(str(exc))
-
-
 def _register(det: FewShotDetector, model_file: Path, name: str) -> str:
     """Log the saved file and the detector (pyfunc) to the active run; alias it champion."""
     from core import tracking
@@ -119,8 +114,8 @@ def fit(
     kwargs = _detector_kwargs(neck, embed_dim, bank_size, sensitivity, fp32, augment)
     try:
         det, report = service.fit_from_folders(normal, defect, masks, **kwargs)
-    except (ValueError, FileNotFoundError) as exc:
-        raise _new_detector_error(exc) from None
+    except (ValueError, FileNotFoundError) as exc:  # bad images/arguments, missing weights
+        raise UserError(str(exc)) from None
     for path, reason in report["skipped"]:
         typer.secho(f"skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
     path = det.save(out)

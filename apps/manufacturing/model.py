@@ -513,9 +513,10 @@ def to_tensor(images: Sequence[ImageLike], size: int) -> Tensor:
             a = np.repeat(a[..., None], 3, axis=2)
         if a.ndim != 3 or a.shape[2] not in (3, 4):
             raise ValueError(f"expected an (H, W, 3) RGB image, got shape {a.shape}")
-        t = (
-            torch.from_numpy(np.array(a[..., :3])).permute(2, 0, 1).float()
-        )  # copy: PIL arrays are read-only
+        if a.dtype != np.uint8 and not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"expected uint8 or float (0..1) pixels, got {a.dtype}")
+        # np.array copies: arrays from PIL are read-only, which torch warns about.
+        t = torch.from_numpy(np.array(a[..., :3])).permute(2, 0, 1).float()
         if a.dtype == np.uint8:
             t = t / 255.0
         if t.shape[-2:] != (size, size):

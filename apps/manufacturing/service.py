@@ -117,10 +117,8 @@ class FilePrediction:
 
 
 class DefectService:
-    """A fitted :class:`FewShotDetector` behind per-file batch prediction.
-
-    >>> # DefectService.load("model.vdd").predict_files(["parts/"], overlays_dir="ovl")
-    """
+    """A fitted :class:`FewShotDetector` behind per-file batch prediction, e.g.
+    ``DefectService.load("model.vdd").predict_files(["parts/"], overlays_dir="ovl")``."""
 
     def __init__(self, detector: FewShotDetector) -> None:
         if detector.calibration is None:

@@ -90,22 +90,33 @@ def test_synth_fit_predict_evaluate(tmp_path: Path, mlflow_store: str, one_threa
 
 @pytest.mark.integration
 def test_bad_input_is_a_message_not_a_traceback(tmp_path: Path) -> None:
-    def vigil(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pipelines.cli", "defect", *args],
-            capture_output=True, text=True, timeout=300, env=dict(os.environ),
-        )  # fmt: skip
-
-    r = vigil(
-        "predict", str(tmp_path / "missing.vdd"), str(tmp_path), "--out", str(tmp_path / "r.csv")
-    )
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "defect", "predict", str(tmp_path / "missing.vdd"),
+         str(tmp_path), "--out", str(tmp_path / "r.csv")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )  # fmt: skip
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
-    r = vigil("fit", "--normal", str(tmp_path / "nope"), "--out", str(tmp_path / "m.vdd"))
-    assert r.returncode == 2 and "not a folder" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "--normal", "{tmp}/nope", "--out", "{tmp}/m.vdd"], "not a folder"),
+        (["fit", "--normal", "{tmp}", "--out", "{tmp}/m.vdd", "--neck", "bifpn"], "--neck"),
+        (["predict", "{tmp}/junk.vdd", "{tmp}", "--out", "{tmp}/r.csv"], "cannot load model"),
+        (
+            ["predict", "{tmp}/junk.vdd", "{tmp}", "--out", "{tmp}/r.csv", "--sensitivity", "2"],
+            "0..1",
+        ),
+        (["synth", "--out", "{tmp}/s", "--texture", "marble"], "unknown texture"),
+        (["evaluate", "--data", "{tmp}/none", "--shots", "2"], "no such folder"),
+    ],
+)
+def test_user_errors_name_the_problem(tmp_path: Path, args: list[str], message: str) -> None:
+    from pipelines.errors import UserError
+
     (tmp_path / "junk.vdd").write_bytes(b"junk")
-    r = vigil(
-        "predict", str(tmp_path / "junk.vdd"), str(tmp_path), "--out", str(tmp_path / "r.csv")
-    )
-    assert r.returncode == 2 and "cannot load model" in r.stderr and "Traceback" not in r.stderr
-    r = vigil("synth", "--out", str(tmp_path / "s"), "--texture", "marble")
-    assert r.returncode == 2 and "unknown texture" in r.stderr
+    argv = ["defect", *(a.format(tmp=tmp_path) for a in args)]
+    result = CliRunner().invoke(app, argv)
+    assert isinstance(result.exception, UserError), result.output
+    assert message in str(result.exception)

@@ -222,3 +222,14 @@ def test_unfitted_detector_refuses_to_predict() -> None:
     det = FewShotDetector(pretrained=False, engine="torch")
     with pytest.raises(RuntimeError, match="not fitted"):
         det.predict([np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_auto_augmentation_keeps_only_the_symmetries_the_surface_has() -> None:
+    from apps.manufacturing.scenes import make_scene
+
+    # Brushed metal is streaked horizontally: flips leave it normal, 90° turns do not.
+    shots = [make_scene("brushed_metal", None, seed=2, index=i).image for i in range(3)]
+    det = FewShotDetector(engine="torch", augment="auto", bank_size=2048).fit(shots)
+    assert "hflip" in det.augmentations
+    assert not {"rot90", "rot270", "transpose", "antitranspose"} & set(det.augmentations)
+    assert det.fit_info["candidate_patches"] == 3 * 28 * 28 * (1 + len(det.augmentations))
