@@ -18,7 +18,6 @@ events before they enter the windows, so a label can never leak into its own fea
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +49,7 @@ class FeatureConfig:
     terminal_spans: tuple[str, ...] = ("1d", "7d", "30d")
     velocity_span: str = "1h"
     profile_span: str = "30d"
-    device_delay: str = "1h"
+    novelty_delay: str = "1h"
     allowed_lateness: str | float = "0s"
     passthrough: tuple[str, ...] = field(default_factory=tuple)
 
@@ -62,7 +61,7 @@ class FeatureConfig:
             if parse_span(span) <= 0:
                 raise ValueError(f"window spans must be > 0, got {span!r}")
         parse_span(self.label_delay, "label_delay")
-        parse_span(self.device_delay, "device_delay")
+        parse_span(self.novelty_delay, "novelty_delay")
         parse_span(self.allowed_lateness, "allowed_lateness")
         used = {self.time_field, self.amount_field, self.label_field}
         clash = used & set(self.passthrough)
@@ -75,8 +74,9 @@ class FeatureConfig:
 class FraudFeatures:
     """Transaction → feature dict, learning each transaction after computing its features.
 
-    Two window pipelines: one fed by transactions (per card), one fed only by labels (per
-    terminal, delayed), so a label update touches only the windows that use labels.
+    One window pipeline holds every window, so a transaction is validated against all of
+    them before any state changes (a refused event leaves no trace); label events carry only
+    the terminal and the label, so they reach only the delayed terminal windows.
 
     >>> ff = FraudFeatures()
     >>> x = ff.process({"ts": 0.0, "card_id": 1, "terminal_id": 7, "amount": 50.0})
@@ -122,24 +122,15 @@ class FraudFeatures:
             v, vn = cfg.velocity_span, _span_name(cfg.velocity_span)
             card_specs.append(Window(amount, by=card, agg="count", span=v, name=f"card_n_{vn}"))
             card_specs.append(Window(amount, by=card, agg="sum", span=v, name=f"card_sum_{vn}"))
+            # "new" device/login = not seen in [t - 30d - 1h, t - 1h): a device or place first
+            # used minutes ago (an account-takeover burst) still counts as new
+            nov: dict[str, Any] = {"by": card, "span": prof, "delay": cfg.novelty_delay}
             if cfg.login_field:
                 login = cfg.login_field
-                card_specs.append(
-                    Window(login, by=card, agg="entropy", span=prof, name=f"login_entropy_{pn}")
-                )
-                card_specs.append(Window(login, by=card, agg="seen", span=prof, name="_login_seen"))
+                card_specs.append(Window(login, agg="entropy", name=f"login_entropy_{pn}", **nov))
+                card_specs.append(Window(login, agg="seen", name="_login_seen", **nov))
             if cfg.device_field:
-                # delayed: a device first used minutes ago (an account-takeover burst) is new
-                card_specs.append(
-                    Window(
-                        cfg.device_field,
-                        by=card,
-                        agg="seen",
-                        span=prof,
-                        delay=cfg.device_delay,
-                        name="_device_seen",
-                    )
-                )
+                card_specs.append(Window(cfg.device_field, agg="seen", name="_device_seen", **nov))
         label_specs: list[Window] = []
         self._risk: list[tuple[str, str, str]] = []
         if cfg.terminal_field:
@@ -152,22 +143,16 @@ class FraudFeatures:
                 )
                 self._risk.append((f"term_risk_{n}", f"_term_fraud_{n}", f"term_n_{n}"))
         self._interaction = len(self._risk) >= 2
-        lateness = cfg.allowed_lateness
-        self.card_pipeline = (
-            FeaturePipeline(card_specs, cfg.time_field, lateness) if card_specs else None
-        )
-        self.label_pipeline = (
-            FeaturePipeline(label_specs, cfg.time_field, lateness) if label_specs else None
+        specs = card_specs + label_specs
+        self.pipeline = (
+            FeaturePipeline(specs, cfg.time_field, cfg.allowed_lateness) if specs else None
         )
 
     @property
     def feature_names(self) -> list[str]:
         """Names of the features :meth:`process` returns, in order."""
-        raw = {n: math.nan for p in self._pipelines() for n in p.feature_names}
-        return list(self._derive(raw, 0.0, 1.0, {}))
-
-    def _pipelines(self) -> list[FeaturePipeline]:
-        return [p for p in (self.card_pipeline, self.label_pipeline) if p is not None]
+        names = self.pipeline.feature_names if self.pipeline is not None else []
+        return list(self._derive(dict.fromkeys(names, math.nan), 0.0, 1.0, {}))
 
     def process(self, event: Mapping[str, Any]) -> dict[str, float]:
         """Features of ``event`` from the past only, then learn the event (not its label).
@@ -194,10 +179,7 @@ class FraudFeatures:
             raise ValueError(f"event has no time field {self._time!r}") from None
         if t.__class__ is not float or t - t != 0.0:
             t = to_seconds(t)
-        # query the label windows first: they validate the terminal key before any state changes
-        raw = self.label_pipeline.transform_one(ev) if self.label_pipeline is not None else {}
-        if self.card_pipeline is not None:
-            raw.update(self.card_pipeline.process_one(ev))
+        raw = self.pipeline.process_one(ev) if self.pipeline is not None else {}
         self.last_ts = t
         return self._derive(raw, t, amount, ev)
 
@@ -258,29 +240,19 @@ class FraudFeatures:
 
     def learn_label(self, ts: float, terminal: Hashable | None, is_fraud: float) -> None:
         """Feed a label, at its transaction's own time, to the delayed terminal windows."""
-        if self.label_pipeline is None or terminal is None:
+        if self.pipeline is None or not self._risk or terminal is None:
             return
-        self.label_pipeline.learn_one(
+        self.pipeline.learn_one(
             {self._time: ts, self._terminal: terminal, self._label: is_fraud}  # type: ignore[dict-item]
         )
 
     def snapshot(self, keys: Callable[[Any], bool] | Collection[Hashable] | None = None) -> bytes:
-        """Window state as bytes: card windows (optionally only ``keys``) and label windows."""
-        card = self.card_pipeline.snapshot(keys) if self.card_pipeline is not None else b""
-        label = self.label_pipeline.snapshot() if self.label_pipeline is not None else b""
-        return struct.pack(">Q", len(card)) + card + label
+        """Window state as bytes (all keys, or some: see ``FeaturePipeline.snapshot``)."""
+        return self.pipeline.snapshot(keys) if self.pipeline is not None else b""
 
     def restore(self, blob: bytes) -> None:
         """Load :meth:`snapshot` bytes (ValueError if they do not fit these windows)."""
-        if len(blob) < 8:
-            raise ValueError("not a fraud-feature snapshot")
-        (n,) = struct.unpack(">Q", blob[:8])
-        card, label = blob[8 : 8 + n], blob[8 + n :]
-        if (len(card) > 0) != (self.card_pipeline is not None) or (len(label) > 0) != (
-            self.label_pipeline is not None
-        ):
-            raise ValueError("fraud-feature snapshot does not match these feature settings")
-        if self.card_pipeline is not None:
-            self.card_pipeline.restore(card)
-        if self.label_pipeline is not None:
-            self.label_pipeline.restore(label)
+        if self.pipeline is not None:
+            self.pipeline.restore(blob)
+        elif blob:
+            raise ValueError("this feature set has no windows to restore")

@@ -58,7 +58,7 @@ class ScorerConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     tx_id_field: str = "tx_id"
     model: str = "logreg"
-    lr: float = 0.01
+    lr: float = 0.005
     l2: float = 0.0
     neg_rate: float = 0.2
     seed: int = 0
@@ -66,7 +66,7 @@ class ScorerConfig:
     alert_rate: float | None = None
     threshold_window: str = "1d"
     base_threshold: float = 0.05
-    min_scores: int = 500
+    min_scores: int = 100
     pending_ttl: str = "30d"
     pending_max: int = 2_000_000
 

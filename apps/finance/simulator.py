@@ -70,6 +70,9 @@ class SimulatorConfig:
         compromised_cards_per_day, card_compromise_days, card_fraud_share, card_fraud_factor:
             scenario 3.
         ato_per_day: account takeovers started per day (scenario 4); 0 disables it.
+        The three ``*_per_day`` counts may be fractional (an expected count: the fraction is
+        drawn each day), so a small world can keep the handbook's fraud rates
+        (:meth:`scaled`).
         ato_burst: (min, max) transactions in one takeover burst.
         ato_gap_s: mean seconds between burst transactions.
         ato_min_distance: an attacker logs in at least this far (grid units) from the home login.
@@ -83,13 +86,13 @@ class SimulatorConfig:
     start_date: str = "2018-04-01"
     radius: float = 5.0
     seed: int = 0
-    compromised_terminals_per_day: int = 2
+    compromised_terminals_per_day: float = 2
     terminal_compromise_days: int = 28
-    compromised_cards_per_day: int = 3
+    compromised_cards_per_day: float = 3
     card_compromise_days: int = 14
     card_fraud_share: float = 1 / 3
     card_fraud_factor: float = 5.0
-    ato_per_day: int = 1
+    ato_per_day: float = 1
     ato_burst: tuple[int, int] = (3, 8)
     ato_gap_s: float = 300.0
     ato_min_distance: float = 30.0
@@ -130,6 +133,25 @@ class SimulatorConfig:
         except ValueError as exc:
             raise ValueError(f"start_date must be YYYY-MM-DD, got {self.start_date!r}") from exc
 
+    @classmethod
+    def scaled(cls, n_customers: int, n_terminals: int, n_days: int, **kw: Any) -> SimulatorConfig:
+        """A smaller (or larger) world with the handbook's fraud rates: the daily numbers of
+        compromised terminals and cards (and takeovers) scale with the population."""
+        base = cls()
+        return cls(
+            n_customers=n_customers,
+            n_terminals=n_terminals,
+            n_days=n_days,
+            compromised_terminals_per_day=base.compromised_terminals_per_day
+            * n_terminals
+            / base.n_terminals,
+            compromised_cards_per_day=base.compromised_cards_per_day
+            * n_customers
+            / base.n_customers,
+            ato_per_day=base.ato_per_day * n_customers / base.n_customers,
+            **kw,
+        )
+
     @property
     def start_ts(self) -> float:
         """Epoch seconds (UTC) of day 0, 00:00."""
@@ -138,6 +160,14 @@ class SimulatorConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _daily(rng: np.random.Generator, expected: float) -> int:
+    """``expected`` as a whole count: its integer part plus one with the fraction's probability
+    (no random draw for a whole number, so integer settings keep their random stream)."""
+    whole = int(expected)
+    frac = expected - whole
+    return whole + int(rng.random() < frac) if frac > 0 else whole
 
 
 def _terminals_within(
@@ -230,7 +260,7 @@ def simulate(config: SimulatorConfig | None = None, **overrides: Any) -> pd.Data
     if cfg.compromised_terminals_per_day and cfg.terminal_compromise_days:
         compromised = np.zeros((T, D), dtype=bool)  # (T, D): terminal t is compromised on day d
         for d in range(D - 1):  # the handbook loops over range(max day)
-            ts_ = rng.choice(T, size=cfg.compromised_terminals_per_day, replace=False)
+            ts_ = rng.choice(T, size=_daily(rng, cfg.compromised_terminals_per_day), replace=False)
             compromised[ts_, d : d + cfg.terminal_compromise_days] = True
         hit = compromised[terminal, day]
         fraud[hit], scenario[hit] = 1, 2
@@ -240,7 +270,9 @@ def simulate(config: SimulatorConfig | None = None, **overrides: Any) -> pd.Data
         by_cust = np.argsort(cust, kind="stable")
         cust_start = np.searchsorted(cust[by_cust], np.arange(C + 1))
         for d in range(D - 1):
-            cards = rng.choice(C, size=cfg.compromised_cards_per_day, replace=False)
+            cards = rng.choice(C, size=_daily(rng, cfg.compromised_cards_per_day), replace=False)
+            if cards.size == 0:
+                continue
             idx = np.concatenate([by_cust[cust_start[c] : cust_start[c + 1]] for c in cards])
             idx = idx[(day[idx] >= d) & (day[idx] < d + cfg.card_compromise_days)]
             k = int(idx.size * cfg.card_fraud_share)
@@ -255,7 +287,9 @@ def simulate(config: SimulatorConfig | None = None, **overrides: Any) -> pd.Data
         lo, hi = cfg.ato_burst
         active = np.flatnonzero(n_avail > 0)
         for d in range(D):
-            cards = rng.choice(active, size=min(cfg.ato_per_day, active.size), replace=False)
+            cards = rng.choice(
+                active, size=min(_daily(rng, cfg.ato_per_day), active.size), replace=False
+            )
             for c in cards:
                 k = int(rng.integers(lo, hi + 1))
                 t0 = d * DAY_S + rng.uniform(0, DAY_S - k * cfg.ato_gap_s * 3)

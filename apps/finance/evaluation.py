@@ -1,0 +1,540 @@
+"""Replay a transaction file through the scorer with delayed labels, and evaluate it honestly.
+
+Prequential: every transaction is scored *before* its label is known; its label is released
+``label_delay`` of event time later and only then learned (joined to the features saved at
+scoring time). Metrics follow the handbook's protocol: on its four test weeks (2018-08-08 →
+2018-09-04) when the file covers them, AUC ROC, average precision and Card Precision@100 are
+computed per week and averaged; precision/recall/F1 are those of the alerts the dynamic
+threshold actually raised. Each fraud scenario (e.g. account takeover) is also reported on its
+own: its frauds against all genuine transactions of the period.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from apps.finance.features import FeatureConfig
+from apps.finance.metrics import alert_quality, card_precision_at_k, threshold_free
+from apps.finance.service import FraudScorer, ScorerConfig
+from apps.finance.simulator import SCENARIOS
+from apps.finance.threshold import parse_span
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+HANDBOOK_TEST_START = "2018-08-08"
+HANDBOOK_TEST_WEEKS = 4
+MODEL_NAME = "vigil-fraud"
+# simulator columns that are not features: an index, the scenario (a label!), raw coordinates
+_NOT_FEATURES = frozenset({"day", "scenario", "login_x", "login_y", "tx_datetime"})
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where the replay finds each field in a tabular file (None: absent / switched off)."""
+
+    time: str = "ts"
+    label: str = "is_fraud"
+    amount: str = "amount"
+    key: str | None = "card_id"
+    tx_id: str | None = "tx_id"
+    terminal: str | None = "terminal_id"
+    device: str | None = "device_id"
+    login: str | None = "login_cell"
+    scenario: str | None = "scenario"
+
+
+@dataclass
+class Prepared:
+    """A file made ready for replay: events in time order, plus what evaluation needs."""
+
+    names: list[str]  # event fields (no label)
+    values: list[list[Any]]  # one list per field: events are built lazily (memory)
+    ts: np.ndarray  # (N,) event time, epoch seconds
+    y: np.ndarray  # (N,) 0/1
+    tx_id: list[str]
+    card: np.ndarray | None  # (N,) or None without a key column
+    scenario: np.ndarray | None
+    features: FeatureConfig
+    columns: Columns
+    passthrough: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.ts.size)
+
+    def iter_events(self) -> Iterator[dict[str, Any]]:
+        """Transactions (without label) as dicts, in time order."""
+        names = self.names
+        for row in zip(*self.values, strict=True):
+            yield dict(zip(names, row, strict=True))
+
+
+def _to_epoch_seconds(col: pd.Series, name: str) -> np.ndarray:
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(col):
+        raise ValueError(f"time column {name!r} holds booleans, not times")
+    if pd.api.types.is_numeric_dtype(col):
+        out = col.to_numpy(dtype=np.float64)
+    else:
+        try:
+            parsed = pd.to_datetime(col, utc=True, format="mixed")
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"time column {name!r} is neither numbers nor dates: {exc}") from None
+        out = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        raise ValueError(
+            f"time column {name!r} has {int(bad.sum())} missing/invalid values "
+            f"(first at row {int(np.flatnonzero(bad)[0])})"
+        )
+    return out
+
+
+def _to_labels(col: pd.Series, name: str) -> np.ndarray:
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(col):
+        return col.to_numpy(dtype=np.int64)
+    values = pd.to_numeric(col, errors="coerce")
+    ok = values.isin([0, 1])
+    if not ok.all():
+        first = int(np.flatnonzero(~ok.to_numpy())[0])
+        raise ValueError(
+            f"label column {name!r} must hold 0/1; {int((~ok).sum())} rows do not "
+            f"(first at row {first}: {col.iloc[first]!r})"
+        )
+    return values.to_numpy(dtype=np.int64)
+
+
+def prepare(
+    df: pd.DataFrame, columns: Columns | None = None, passthrough: bool | None = None
+) -> Prepared:
+    """Validate and order a transaction table for :func:`replay`.
+
+    Optional columns (key, tx_id, terminal, device, login, scenario) that the table lacks are
+    switched off. ``passthrough`` copies the remaining numeric columns as raw features; by
+    default it is on for foreign tables and off for the simulator's own schema.
+    """
+    import pandas as pd
+
+    cols = columns or Columns()
+    present = set(df.columns)
+    for what in ("time", "label", "amount"):
+        name = getattr(cols, what)
+        if name not in present:
+            raise ValueError(
+                f"{what} column {name!r} not in the file (columns: {', '.join(map(str, df.columns))})"
+            )
+    opt = {
+        k: (getattr(cols, k) if getattr(cols, k) in present else None)
+        for k in ("key", "tx_id", "terminal", "device", "login", "scenario")
+    }
+    cols = Columns(time=cols.time, label=cols.label, amount=cols.amount, **opt)
+    if len(df) == 0:
+        raise ValueError("the file has no rows")
+
+    ts = _to_epoch_seconds(df[cols.time], cols.time)
+    y = _to_labels(df[cols.label], cols.label)
+    order = np.argsort(ts, kind="stable")
+    df = df.iloc[order].reset_index(drop=True)
+    ts, y = ts[order], y[order]
+
+    used = {c for c in (cols.time, cols.label, cols.amount, *opt.values()) if c}
+    simulator_schema = {"day", "scenario", "login_x"} <= present
+    if passthrough is None:
+        passthrough = not simulator_schema
+    extra: tuple[str, ...] = ()
+    if passthrough:
+        extra = tuple(
+            str(c)
+            for c in df.columns
+            if c not in used
+            and c not in _NOT_FEATURES
+            and pd.api.types.is_numeric_dtype(df[c])
+            and not pd.api.types.is_bool_dtype(df[c])
+        )
+    keep = [c for c in df.columns if c in used and c != cols.label] + list(extra)
+    frame = df[keep].copy()
+    frame[cols.time] = ts
+    frame[cols.amount] = pd.to_numeric(frame[cols.amount], errors="coerce")
+    if cols.tx_id is None:
+        tx_ids = [str(i) for i in order]  # the row number in the original file
+        frame["tx_id"] = tx_ids
+    else:
+        tx_ids = df[cols.tx_id].astype(str).tolist()
+        if len(set(tx_ids)) != len(tx_ids):
+            raise ValueError(f"transaction id column {cols.tx_id!r} has duplicate values")
+    names = [str(c) for c in frame.columns]
+    values = [frame[c].tolist() for c in frame.columns]
+    features = FeatureConfig(
+        time_field=cols.time,
+        amount_field=cols.amount,
+        label_field=cols.label,
+        card_field=cols.key,
+        terminal_field=cols.terminal,
+        device_field=cols.device,
+        login_field=cols.login,
+        passthrough=extra,
+    )
+    return Prepared(
+        names=names,
+        values=values,
+        ts=ts,
+        y=y,
+        tx_id=tx_ids,
+        card=df[cols.key].to_numpy() if cols.key else None,
+        scenario=df[cols.scenario].to_numpy() if cols.scenario else None,
+        features=features,
+        columns=cols,
+        passthrough=extra,
+    )
+
+
+@dataclass
+class ReplayResult:
+    """Per-event outputs of a replay plus its cost."""
+
+    score: np.ndarray  # (N,) fraud probability (NaN where the event was rejected)
+    alert: np.ndarray  # (N,) bool
+    threshold: np.ndarray  # (N,) threshold in force for the event
+    scored: np.ndarray  # (N,) bool: False for rejected events
+    rejected: list[tuple[int, str]]  # (row, reason), first 50
+    n_rejected: int
+    cpu_s: float
+    wall_s: float
+    scorer: FraudScorer
+
+    @property
+    def events_per_s(self) -> float:
+        """Throughput on one core: events over the CPU time of the replay loop."""
+        return float(self.scored.size / self.cpu_s) if self.cpu_s > 0 else float("nan")
+
+    @property
+    def events_per_s_wall(self) -> float:
+        return float(self.scored.size / self.wall_s) if self.wall_s > 0 else float("nan")
+
+
+def replay(
+    data: Prepared,
+    config: ScorerConfig | None = None,
+    scorer: FraudScorer | None = None,
+    progress: bool = False,
+) -> ReplayResult:
+    """Stream ``data`` through a scorer in event-time order; labels arrive ``label_delay`` late.
+
+    Before each transaction is scored, every label whose time has come (transaction time +
+    delay <= now) is learned. Events the scorer rejects are counted, never fatal.
+    """
+    if scorer is None:
+        config = config or ScorerConfig()
+        if config.features != data.features:
+            config = config.with_changes(
+                features=FeatureConfig(
+                    **{**asdict(data.features), "label_delay": config.features.label_delay}
+                )
+            )
+        scorer = FraudScorer(config)
+    delay = parse_span(scorer.config.features.label_delay)
+    tx_field, label_field = scorer.config.tx_id_field, scorer.config.features.label_field
+    n = len(data)
+    score = np.full(n, np.nan)
+    alert = np.zeros(n, dtype=bool)
+    thr = np.full(n, np.nan)
+    scored = np.zeros(n, dtype=bool)
+    rejected: list[tuple[int, str]] = []
+    n_rejected = 0
+    ts, y, ids = data.ts.tolist(), data.y.tolist(), data.tx_id
+    due: deque[tuple[float, int]] = deque()  # (label release time, row): FIFO, times sorted
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, unit="ev", mininterval=1.0, desc="replay")
+    learn, score_one = scorer.learn, scorer.score
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for i, ev in enumerate(data.iter_events()):
+        t = ts[i]
+        while due and due[0][0] <= t:
+            j = due.popleft()[1]
+            learn({tx_field: ids[j], label_field: y[j]})
+        if tx_field not in ev:
+            ev[tx_field] = ids[i]
+        try:
+            r = score_one(ev)
+        except ValueError as exc:
+            n_rejected += 1
+            if len(rejected) < 50:
+                rejected.append((i, str(exc)))
+            continue
+        score[i] = r.score
+        alert[i] = r.is_alert
+        thr[i] = r.threshold
+        scored[i] = True
+        due.append((t + delay, i))
+        if bar is not None and i % 10_000 == 0:
+            bar.update(10_000 if i else 1)
+    cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
+    if bar is not None:
+        bar.n = n
+        bar.close()
+    return ReplayResult(score, alert, thr, scored, rejected, n_rejected, cpu_s, wall_s, scorer)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def _ts(date: str) -> float:
+    d = dt.date.fromisoformat(date)
+    return dt.datetime(d.year, d.month, d.day, tzinfo=dt.UTC).timestamp()
+
+
+def evaluation_periods(
+    ts: np.ndarray,
+    start: str | None = None,
+    weeks: int | None = None,
+    label_delay: str | float = "7d",
+) -> tuple[str, list[tuple[float, float]]]:
+    """The weeks to evaluate on: ``(protocol name, [(start, end), ...])``.
+
+    * ``start`` given: ``weeks`` weeks from that date (default: as many as the data holds).
+    * the data covers the handbook's test weeks: those (2018-08-08 + 4 weeks).
+    * otherwise: after a warm-up of max(2 × label delay, 25% of the time span) — at most half
+      the span, for short files — in weeks.
+    """
+    lo, hi = float(ts.min()), float(ts.max())
+    if start is not None:
+        name, t0 = f"from {start}", _ts(start)
+    elif (
+        lo <= _ts(HANDBOOK_TEST_START) - 14 * DAY
+        and hi >= _ts(HANDBOOK_TEST_START) + 28 * DAY - DAY
+    ):
+        name, t0, weeks = "handbook test weeks", _ts(HANDBOOK_TEST_START), HANDBOOK_TEST_WEEKS
+    else:
+        warm = min(max(2 * parse_span(label_delay), 0.25 * (hi - lo)), 0.5 * (hi - lo))
+        t0 = np.floor((lo + warm) / DAY) * DAY
+        name = f"after {warm / DAY:.0f}-day warm-up"
+    if t0 > hi:
+        raise ValueError(
+            f"evaluation start {dt.datetime.fromtimestamp(t0, dt.UTC):%Y-%m-%d} is after the "
+            "last transaction"
+        )
+    periods = []
+    w = 0
+    while (weeks is None or w < weeks) and t0 + w * 7 * DAY <= hi:
+        periods.append((t0 + w * 7 * DAY, t0 + (w + 1) * 7 * DAY))
+        w += 1
+    return name, periods
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    arr = np.asarray(values, dtype=float)
+    return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one replay: headline (mean over periods), per period, per scenario, daily."""
+
+    protocol: str
+    periods: list[tuple[float, float]]
+    headline: dict[str, float]
+    folds: list[dict[str, float]]
+    scenarios: dict[str, dict[str, float]] = field(default_factory=dict)
+    daily: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        iso = lambda t: dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d")  # noqa: E731
+        return {
+            "protocol": self.protocol,
+            "periods": [[iso(a), iso(b)] for a, b in self.periods],
+            **self.headline,
+            "folds": self.folds,
+            "scenarios": self.scenarios,
+            "daily": self.daily,
+        }
+
+
+def evaluate(
+    data: Prepared,
+    result: ReplayResult,
+    start: str | None = None,
+    weeks: int | None = None,
+    k: int = 100,
+) -> Evaluation:
+    """Handbook-style metrics of a replay (see the module docstring)."""
+    protocol, periods = evaluation_periods(
+        data.ts, start, weeks, result.scorer.config.features.label_delay
+    )
+    ts, y, s, a, ok = data.ts, data.y, result.score, result.alert, result.scored
+    day = np.floor(ts / DAY).astype(np.int64)
+    folds: list[dict[str, float]] = []
+    daily: list[dict[str, float]] = []
+    in_eval = np.zeros(ts.size, dtype=bool)
+    for lo, hi in periods:
+        m = (ts >= lo) & (ts < hi) & ok
+        in_eval |= m
+        fold: dict[str, float] = {"n": int(m.sum()), "frauds": int(y[m].sum())}
+        fold.update(threshold_free(y[m], s[m]))
+        fold.update(alert_quality(y[m], a[m]))
+        cp_days: dict[int, float] = {}
+        if data.card is not None and m.any():
+            cp, per_day = card_precision_at_k(day[m], data.card[m], y[m], s[m], k=k)
+            fold[f"cp_at_{k}"] = cp
+            cp_days = dict(zip(np.unique(day[m]).tolist(), per_day, strict=True))
+        folds.append(fold)
+        for d in np.unique(day[m]).tolist():
+            md = m & (day == d)
+            row: dict[str, float] = {"day": int(d), "n": int(md.sum()), "frauds": int(y[md].sum())}
+            row.update(threshold_free(y[md], s[md]))
+            row.update(alert_quality(y[md], a[md]))
+            row["threshold"] = float(np.nanmean(result.threshold[md]))
+            if d in cp_days:
+                row[f"cp_at_{k}"] = cp_days[d]
+            daily.append(row)
+    headline: dict[str, float] = {
+        "auc": _nanmean([f["auc"] for f in folds]),
+        "ap": _nanmean([f["ap"] for f in folds]),
+    }
+    if data.card is not None:
+        headline[f"cp_at_{k}"] = _nanmean([f.get(f"cp_at_{k}", np.nan) for f in folds])
+    headline.update(alert_quality(y[in_eval], a[in_eval]))
+    n_days = max(len({r["day"] for r in daily}), 1)
+    headline["alerts_per_day"] = headline["alerts"] / n_days
+    headline["n"] = int(in_eval.sum())
+    headline["frauds"] = int(y[in_eval].sum())
+    headline["rejected"] = result.n_rejected
+
+    scenarios: dict[str, dict[str, float]] = {}
+    if data.scenario is not None:
+        genuine = in_eval & (y == 0)
+        for code in sorted(set(np.unique(data.scenario[in_eval & (y == 1)]).tolist())):
+            fraud = in_eval & (y == 1) & (data.scenario == code)
+            m = genuine | fraud
+            entry: dict[str, float] = {"frauds": int(fraud.sum())}
+            entry.update(threshold_free(y[m], s[m]))
+            entry["recall_at_threshold"] = float(a[fraud].mean()) if fraud.any() else float("nan")
+            name = SCENARIOS.get(code, str(code)) if isinstance(code, int) else str(code)
+            scenarios[name] = entry
+    return Evaluation(protocol, periods, headline, folds, scenarios, daily)
+
+
+def run_replay(
+    df: pd.DataFrame,
+    columns: Columns | None = None,
+    config: ScorerConfig | None = None,
+    start: str | None = None,
+    weeks: int | None = None,
+    passthrough: bool | None = None,
+    warm_start: pd.DataFrame | None = None,
+    progress: bool = False,
+) -> tuple[Prepared, ReplayResult, Evaluation]:
+    """prepare → (optional warm start on a labelled history) → replay → evaluate."""
+    data = prepare(df, columns, passthrough)
+    config = config or ScorerConfig()
+    config = config.with_changes(
+        features=FeatureConfig(
+            **{**asdict(data.features), "label_delay": config.features.label_delay}
+        )
+    )
+    scorer = FraudScorer(config)
+    if warm_start is not None:
+        history = prepare(warm_start, data.columns, passthrough)
+        label = config.features.label_field
+        rows = (
+            {**e, label: int(yy)} for e, yy in zip(history.iter_events(), history.y, strict=True)
+        )
+        n = scorer.warm_start({**r, config.tx_id_field: f"warm-{i}"} for i, r in enumerate(rows))
+        log.info("warm start: learned %d labelled transactions", n)
+    result = replay(data, scorer=scorer, progress=progress)
+    return data, result, evaluate(data, result, start, weeks)
+
+
+def report(
+    data: Prepared, result: ReplayResult, ev: Evaluation, source: str | None = None
+) -> dict[str, Any]:
+    """The JSON-ready report of a replay: headline metrics first, details after."""
+    return {
+        "input": source,
+        "rows": int(data.ts.size),
+        "events_per_s": result.events_per_s,
+        "events_per_s_wall": result.events_per_s_wall,
+        "cpu_s": result.cpu_s,
+        "wall_s": result.wall_s,
+        "rejected": result.n_rejected,
+        "rejected_examples": [{"row": i, "reason": r} for i, r in result.rejected[:10]],
+        "columns": asdict(data.columns),
+        "passthrough": list(data.passthrough),
+        "config": _plain(result.scorer.config.to_dict()),
+        "scorer": result.scorer.stats(),
+        "evaluation": ev.to_dict(),
+    }
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (_plain(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else v)
+        for k, v in d.items()
+    }
+
+
+def log_to_mlflow(
+    rep: dict[str, Any],
+    scorer: FraudScorer,
+    run_name: str | None = None,
+    register: bool = True,
+    model_name: str = MODEL_NAME,
+) -> dict[str, Any]:
+    """Log a replay to MLflow (params, headline and daily metrics, the report, the model) and
+    register the final model under ``model_name`` with alias ``champion``."""
+    from core import tracking
+
+    ev = rep["evaluation"]
+    cfg = rep["config"]
+    params = {
+        "model": cfg["model"],
+        "lr": cfg["lr"],
+        "neg_rate": cfg["neg_rate"],
+        "alerts_per_day": cfg["alerts_per_day"],
+        "alert_rate": cfg["alert_rate"],
+        "threshold_window": cfg["threshold_window"],
+        "base_threshold": cfg["base_threshold"],
+        "label_delay": cfg["features"]["label_delay"],
+        "protocol": ev["protocol"],
+        "rows": rep["rows"],
+        "input": rep["input"],
+        "features": ",".join(scorer.feature_names),
+    }
+    out: dict[str, Any] = {}
+    with tracking.start_run(
+        app="finance", run_name=run_name or "fraud-replay", params=params
+    ) as run:
+        headline = {
+            k: v for k, v in ev.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        headline["events_per_s"] = rep["events_per_s"]
+        tracking.log_metrics(headline)
+        for row in ev["daily"]:
+            tracking.log_metrics(
+                {f"daily_{k}": v for k, v in row.items() if k != "day"}, step=int(row["day"])
+            )
+        for name, m in ev["scenarios"].items():
+            tracking.log_metrics(
+                {f"{name.replace(' ', '_').replace('>', 'gt')}_{k}": v for k, v in m.items()}
+            )
+        tracking.log_dict(rep, "replay_report.json")
+        out["run_id"] = run.info.run_id
+        if register:
+            uri = tracking.log_pickle_model(scorer.model, name="model")
+            out["model_version"] = tracking.register(uri, model_name)
+            out["model_name"] = model_name
+    return out
