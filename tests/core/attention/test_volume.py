@@ -144,3 +144,12 @@ def test_bad_input_shape() -> None:
         Attention3D(8)(torch.randn(1, 8, 4, 4))
     with pytest.raises(ValueError, match="expected"):
         Attention3D(8)(torch.randn(1, 4, 4, 4, 4))
+
+
+@pytest.mark.parametrize("mode", ["full", "window", "axial"])
+def test_gradcheck(mode: str) -> None:
+    """Window mode writes slabs into a preallocated result: autograd must still be exact."""
+    torch.manual_seed(7)
+    m = block(mode, channels=4, heads=2, window=2).double()
+    x = torch.randn(1, 4, 3, 2, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
