@@ -239,8 +239,10 @@ def evaluate(
     bank_size: Annotated[int, typer.Option(help="Memory-bank rows kept by the coreset.")] = 4096,
     fp32: Annotated[bool, typer.Option(help="Evaluate fp32 weights (default: INT8).")] = False,
 ) -> None:
-    """Few-shot protocol per texture: fit on `shots` normal (+ defect_shots per type), score
-    the rest. Metrics: image_auroc, pixel_auroc, f1, type_accuracy (scikit-learn)."""
+    """Few-shot protocol per texture; metrics image_auroc, pixel_auroc, f1, type_accuracy.
+
+    Fits on SHOTS normal images (+ DEFECT_SHOTS labelled defects per type) of each texture and
+    scores every other image (scikit-learn metrics, mean over textures + per texture)."""
     from rich.console import Console
     from rich.table import Table
 
