@@ -181,7 +181,9 @@ def demo(
 # --------------------------------------------------------------------------- bench
 @app.command("bench")
 def bench(
-    name: Annotated[str, typer.Argument(help="Benchmark name, `list`, or `all`.")],
+    name: Annotated[
+        str, typer.Argument(help="Benchmark name, `all`, `list`, or `readme` (table only).")
+    ],
     quick: Annotated[bool, typer.Option(help="Small sizes (seconds).")] = False,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write results here (default $VIGIL_HOME/bench).")
@@ -197,6 +199,9 @@ def bench(
     if name == "list":
         for n in bench_mod.available():
             typer.echo(n)
+        return
+    if name == "readme":  # regenerate the table from the recorded JSON, run nothing
+        bench_mod.update_readme(readme or Path("README.md"))
         return
     names = bench_mod.available() if name == "all" else [name]
     for n in names:
