@@ -163,8 +163,14 @@ def replay(
         login=_col(login_col),
     )
     try:
+        from core.streaming import parse_span
+
+        ttl_s = max(
+            30 * 86400.0, 2 * parse_span(label_delay, "--label-delay")
+        )  # features outlive their label
         config = ScorerConfig(
             features=FeatureConfig(label_delay=label_delay),
+            pending_ttl=f"{ttl_s:.0f}s",
             model=model,
             neg_rate=neg_rate,
             alerts_per_day=None if alert_rate is not None else alerts_per_day,

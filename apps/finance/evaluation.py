@@ -25,7 +25,7 @@ from apps.finance.features import FeatureConfig
 from apps.finance.metrics import alert_quality, card_precision_at_k, threshold_free
 from apps.finance.service import FraudScorer, ScorerConfig
 from apps.finance.simulator import SCENARIOS
-from apps.finance.threshold import parse_span
+from core.streaming import parse_span
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -350,7 +350,7 @@ class Evaluation:
     headline: dict[str, float]
     folds: list[dict[str, float]]
     scenarios: dict[str, dict[str, float]] = field(default_factory=dict)
-    daily: list[dict[str, float]] = field(default_factory=list)
+    daily: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         iso = lambda t: dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d")  # noqa: E731
@@ -378,7 +378,7 @@ def evaluate(
     ts, y, s, a, ok = data.ts, data.y, result.score, result.alert, result.scored
     day = np.floor(ts / DAY).astype(np.int64)
     folds: list[dict[str, float]] = []
-    daily: list[dict[str, float]] = []
+    daily: list[dict[str, Any]] = []
     in_eval = np.zeros(ts.size, dtype=bool)
     for lo, hi in periods:
         m = (ts >= lo) & (ts < hi) & ok
@@ -394,7 +394,12 @@ def evaluate(
         folds.append(fold)
         for d in np.unique(day[m]).tolist():
             md = m & (day == d)
-            row: dict[str, float] = {"day": int(d), "n": int(md.sum()), "frauds": int(y[md].sum())}
+            row: dict[str, Any] = {
+                "day": int(d),
+                "date": dt.datetime.fromtimestamp(d * DAY, dt.UTC).strftime("%Y-%m-%d"),
+                "n": int(md.sum()),
+                "frauds": int(y[md].sum()),
+            }
             row.update(threshold_free(y[md], s[md]))
             row.update(alert_quality(y[md], a[md]))
             row["threshold"] = float(np.nanmean(result.threshold[md]))
@@ -441,6 +446,7 @@ def run_replay(
     """prepare → (optional warm start on a labelled history) → replay → evaluate."""
     data = prepare(df, columns, passthrough)
     config = config or ScorerConfig()
+    evaluation_periods(data.ts, start, weeks, config.features.label_delay)  # fail before the work
     config = config.with_changes(
         features=FeatureConfig(
             **{**asdict(data.features), "label_delay": config.features.label_delay}
@@ -525,7 +531,8 @@ def log_to_mlflow(
         tracking.log_metrics(headline)
         for row in ev["daily"]:
             tracking.log_metrics(
-                {f"daily_{k}": v for k, v in row.items() if k != "day"}, step=int(row["day"])
+                {f"daily_{k}": v for k, v in row.items() if k not in ("day", "date")},
+                step=int(row["day"]),
             )
         for name, m in ev["scenarios"].items():
             tracking.log_metrics(

@@ -20,7 +20,7 @@ from typing import Any
 MODELS = ("logreg", "arf", "ensemble")
 
 
-def make_model(kind: str = "logreg", seed: int = 0, lr: float = 0.01, l2: float = 0.0) -> Any:
+def make_model(kind: str = "logreg", seed: int = 0, lr: float = 0.005, l2: float = 0.0) -> Any:
     """A fresh river classifier of the given kind (see the module docstring)."""
     from river import forest, linear_model, optim, preprocessing, tree
 
@@ -97,15 +97,6 @@ class NegativeSampler:
         odds = p / (1.0 - p) * r
         return odds / (1.0 + odds)
 
-    def state(self) -> dict[str, Any]:
-        return {"neg_rate": self.neg_rate, "rng": self._rng.getstate()}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.neg_rate = float(state["neg_rate"])
-        rng_state = state["rng"]
-        # a pickle/JSON round trip may turn the inner tuple into a list
-        self._rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
-
 
 class FraudModel:
     """A river classifier with negative sampling: what the scorer learns and MLflow stores.
@@ -126,7 +117,7 @@ class FraudModel:
         kind: str = "logreg",
         neg_rate: float = 0.2,
         seed: int = 0,
-        lr: float = 0.01,
+        lr: float = 0.005,
         l2: float = 0.0,
         classifier: Any = None,
     ) -> None:

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from apps.finance.threshold import parse_span
+from core.streaming import parse_span
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class PendingStore:
     """
 
     def __init__(self, ttl: str | float = "30d", max_items: int = 2_000_000) -> None:
-        self.ttl_s = parse_span(ttl)
+        self.ttl_s = parse_span(ttl, "ttl")
         if self.ttl_s <= 0:
             raise ValueError(f"ttl must be > 0, got {ttl!r}")
         if max_items < 1:

@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 from apps.finance.features import FeatureConfig, FraudFeatures
 from apps.finance.model import MODELS, FraudModel
 from apps.finance.pending import PendingStore
-from apps.finance.threshold import DynamicThreshold, parse_span
+from apps.finance.threshold import DynamicThreshold
+from core.streaming import parse_span
 
 SNAPSHOT_MAGIC = b"VGLFRAUD"
 SNAPSHOT_VERSION = 1

@@ -10,40 +10,20 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 from collections import deque
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+from core.streaming import parse_span
 
-
-def parse_span(span: str | float | int) -> float:
-    """Seconds in a span such as ``"1d"``, ``"12h"``, ``"90s"`` or a number of seconds.
-
-    >>> parse_span("1d"), parse_span("30m"), parse_span(5)
-    (86400.0, 1800.0, 5.0)
-    """
-    if isinstance(span, bool):
-        raise ValueError(f"span must be a duration, got {span!r}")
-    if isinstance(span, int | float):
-        value = float(span)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(span))
-        if not m:
-            raise ValueError(
-                f"span must look like '7d', '12h', '30m', '90s' or seconds, got {span!r}"
-            )
-        value = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"span must be finite and >= 0, got {span!r}")
-    return value
+__all__ = ["DynamicThreshold", "parse_span"]
 
 
 class DynamicThreshold:
     """Alert threshold that keeps ``alerts_per_day`` (or ``rate``) alerts over a sliding window.
 
     The threshold is the score that exactly ``k`` of the scores in the last ``window`` of event
-    time exceed, with ``k = alerts_per_day × window / 1 day`` (budget mode) or
-    ``k = floor(rate × scores in window)`` (rate mode), and never less than ``base``. A score is
+    time exceed, with ``k = alerts_per_day × window / 1 day`` (budget mode; prorated while the
+    first window fills) or ``k = floor(rate × scores in window)`` (rate mode), and never less
+    than ``base``. A score is
     an alert when it is strictly above the threshold in force *before* the score is added.
 
     Args:
@@ -56,10 +36,11 @@ class DynamicThreshold:
         warmup: the threshold during warm-up (``math.inf``: none; ``base``: alert above base).
 
     >>> th = DynamicThreshold(alerts_per_day=2, window="1d", base=0.5, min_scores=3, warmup=0.5)
-    >>> [th.update(s, ts=i) for i, s in enumerate([0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.95])]
+    >>> scores = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.95]  # one every 6 hours
+    >>> [th.update(s, ts=i * 6 * 3600.0) for i, s in enumerate(scores)]
     [False, True, False, True, False, True, True]
-    >>> th.current  # 2 of the 7 scores in the window lie above it
-    0.8
+    >>> th.current, len(th)  # 2 of the last day's 4 scores lie above it
+    (0.7, 4)
     """
 
     def __init__(
@@ -79,7 +60,7 @@ class DynamicThreshold:
             raise ValueError(f"alerts_per_day must be > 0, got {alerts_per_day}")
         if rate is not None and not 0.0 < rate < 1.0:
             raise ValueError(f"rate must be in (0, 1), got {rate}")
-        self.window_s = parse_span(window)
+        self.window_s = parse_span(window, "window")
         if self.window_s <= 0:
             raise ValueError(f"window must be > 0, got {window!r}")
         if not math.isfinite(base):
@@ -96,6 +77,7 @@ class DynamicThreshold:
         self._k_budget = (
             max(1, round(alerts_per_day * self.window_s / 86400.0)) if alerts_per_day else 0
         )
+        self._first_ts = math.nan  # time of the first score: the window is partial before
         self._recent: deque[tuple[float, float]] = deque()  # (ts, score) in arrival order
         self._sorted: list[float] = []  # the same scores, ascending
         self._current = self.warmup if self.min_scores > 0 else self.base
@@ -108,12 +90,20 @@ class DynamicThreshold:
     def __len__(self) -> int:
         return len(self._sorted)
 
-    def _k(self) -> int:
-        return self._k_budget if self.rate is None else int(self.rate * len(self._sorted))
+    def _k(self, ts: float) -> int:
+        if self.rate is not None:
+            return int(self.rate * len(self._sorted))
+        # until a whole window has passed, only the elapsed share of the budget is due
+        elapsed = ts - self._first_ts
+        if elapsed >= self.window_s:
+            return self._k_budget
+        return max(1, round(self._k_budget * elapsed / self.window_s))
 
     def update(self, score: float, ts: float) -> bool:
         """Decide on ``score`` with the current threshold, then slide the window; True = alert."""
         alert = score > self._current
+        if self._first_ts != self._first_ts:
+            self._first_ts = ts
         horizon = ts - self.window_s
         recent, srt = self._recent, self._sorted
         while recent and recent[0][0] <= horizon:
@@ -122,7 +112,7 @@ class DynamicThreshold:
         recent.append((ts, score))
         bisect.insort(srt, score)
         n = len(srt)
-        k = self._k()
+        k = self._k(ts)
         if n < self.min_scores:
             self._current = self.warmup
         elif k >= n:
@@ -134,10 +124,11 @@ class DynamicThreshold:
 
     def state(self) -> dict[str, object]:
         """Plain-data state (for checkpoints)."""
-        return {"recent": list(self._recent), "current": self._current}
+        return {"recent": list(self._recent), "current": self._current, "first": self._first_ts}
 
     def load_state(self, state: dict[str, object]) -> None:
         recent = [(float(t), float(s)) for t, s in state["recent"]]  # type: ignore[attr-defined]
         self._recent = deque(recent)
         self._sorted = sorted(s for _, s in recent)
         self._current = float(state["current"])  # type: ignore[arg-type]
+        self._first_ts = float(state.get("first", math.nan))  # type: ignore[arg-type]

@@ -144,3 +144,20 @@ def test_unknown_file_format_is_refused(tmp_path: Path) -> None:
         write(df, tmp_path / "x.xlsx")
     with pytest.raises(ValueError, match="format"):
         read(tmp_path / "x.json")
+
+
+@pytest.mark.integration
+def test_publish_sends_every_transaction_keyed_by_card(broker: str) -> None:
+    from apps.finance.simulator import publish
+    from core.broker import consume_n, create_topics, make_consumer
+
+    df = simulate(n_customers=20, n_terminals=40, n_days=2, seed=1)
+    create_topics(broker, ["tx-test"])
+    rows = list(records(df.drop(columns=["is_fraud", "scenario"])))
+    assert publish(rows, broker, "tx-test") == len(rows)
+    consumer = make_consumer(broker, "tx-test", group_id="t")
+    got = consume_n(consumer, len(rows), timeout_s=30)
+    consumer.close()
+    assert sorted(r.value["tx_id"] for r in got) == df.tx_id.tolist()
+    assert all(r.key == str(r.value["card_id"]) for r in got)
+    assert "is_fraud" not in got[0].value

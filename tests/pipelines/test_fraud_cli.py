@@ -1,0 +1,202 @@
+"""`vigil fraud simulate` and `vigil fraud replay`, run as a user would (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+VIGIL = [sys.executable, "-m", "pipelines.cli"]
+
+
+def vigil(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VIGIL, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fraud") / "tx.parquet"
+    r = vigil(
+        "fraud",
+        "simulate",
+        "--customers",
+        "200",
+        "--terminals",
+        "400",
+        "--days",
+        "30",
+        "--seed",
+        "4",
+        "--out",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "transactions" in r.stdout and "account takeover" in r.stdout
+    return out
+
+
+@pytest.mark.integration
+def test_simulate_is_reproducible(simulated: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again.csv"
+    r = vigil(
+        "fraud",
+        "simulate",
+        "--customers",
+        "200",
+        "--terminals",
+        "400",
+        "--days",
+        "30",
+        "--seed",
+        "4",
+        "--out",
+        str(again),
+    )
+    assert r.returncode == 0, r.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(again), pd.read_parquet(simulated), check_dtype=False)
+
+
+@pytest.mark.integration
+def test_replay_writes_a_report_and_logs_to_mlflow(simulated: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    r = vigil(
+        "fraud",
+        "replay",
+        "--input",
+        str(simulated),
+        "--json",
+        str(out),
+        "--alerts-per-day",
+        "4",
+        "--no-progress",
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    e = rep["evaluation"]
+    for key in ("auc", "ap", "cp_at_100", "precision", "recall", "f1"):
+        assert 0.0 <= e[key] <= 1.0
+    assert rep["events_per_s"] > 0 and rep["rows"] > 5000
+    assert e["scenarios"] and all("recall_at_threshold" in m for m in e["scenarios"].values())
+    assert rep["mlflow"]["model_name"] == "vigil-fraud" and rep["mlflow"]["model_version"] == "1"
+    assert "auc" in r.stdout
+
+
+def _main(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run the console entry point in-process (the subprocess start-up is the slow part)."""
+    from pipelines.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["vigil", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return int(exc.value.code or 0)
+
+
+def test_replay_of_a_foreign_file_by_column_mapping(
+    simulated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    df = pd.read_parquet(simulated)
+    foreign = pd.DataFrame(
+        {
+            "Time": pd.to_datetime(df.ts, unit="s").astype(str),
+            "Class": df.is_fraud,
+            "Amt": df.amount,
+            "acct": df.card_id,
+            "V7": df.login_x,
+        }
+    )
+    path = tmp_path / "foreign.csv"
+    foreign.to_csv(path, index=False)
+    out = tmp_path / "r.json"
+    args = [
+        "fraud",
+        "replay",
+        "--input",
+        str(path),
+        "--json",
+        str(out),
+        "--time-col",
+        "Time",
+        "--label-col",
+        "Class",
+        "--amount-col",
+        "Amt",
+        "--key-col",
+        "acct",
+        "--no-mlflow",
+        "--no-progress",
+    ]
+    assert _main(args, monkeypatch) == 0
+    rep = json.loads(out.read_text())
+    assert rep["passthrough"] == ["V7"] and rep["columns"]["terminal"] is None
+    assert "cp_at_100" in rep["evaluation"]
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--input", "/no/such/file.csv"], "does not exist"),
+        (["--label-col", "fraud_flag"], "label column"),
+        (["--model", "gbm"], "model must be one of"),
+        (["--label-delay", "a week"], "--label-delay"),
+        (["--eval-start", "2030-01-01"], "after the last"),
+    ],
+)
+def test_bad_replay_arguments_are_user_errors(
+    simulated: Path, args: list[str], msg: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    base = ["fraud", "replay", "--no-mlflow", "--no-progress"]
+    if "--input" not in args:
+        base += ["--input", str(simulated)]
+    assert _main([*base, *args], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_bad_simulate_arguments_are_user_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    assert (
+        _main(
+            ["fraud", "simulate", "--customers", "0", "--out", str(tmp_path / "x.csv")], monkeypatch
+        )
+        == 2
+    )
+    assert "n_customers" in capsys.readouterr().err
+    assert _main(["fraud", "simulate", "--out", str(tmp_path / "x.xlsx")], monkeypatch) == 2
+    assert ".parquet" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_demo_step_replays_a_small_month(tmp_path: Path, mlflow_store: str) -> None:
+    from rich.console import Console
+
+    from pipelines.demo import DemoContext
+    from pipelines.fraud import demo_step
+
+    ctx = DemoContext(
+        tmp_path,
+        bootstrap="unused:0",
+        tracking_uri=mlflow_store,
+        quick=True,
+        console=Console(quiet=True),
+    )
+    summary = demo_step(ctx)
+    assert summary["transactions"] > 5000 and 0.5 < summary["auc"] <= 1.0
+    assert summary["model"].startswith("vigil-fraud v")
+    assert (tmp_path / "fraud" / "transactions.parquet").exists()
+    assert (
+        json.loads((tmp_path / "fraud" / "replay.json").read_text())["rows"]
+        == summary["transactions"]
+    )
