@@ -90,6 +90,10 @@ def simulate(
 def replay(
     input: Annotated[Path, typer.Option("--input", help="Transactions: .csv(.gz) or .parquet.")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    scores_out: Annotated[
+        Path | None,
+        typer.Option("--scores", help="Write every event's score/alert here (.parquet or .csv)."),
+    ] = None,
     time_col: Annotated[str, typer.Option(help="Event time (epoch seconds or dates).")] = "ts",
     label_col: Annotated[str, typer.Option(help="Fraud label (0/1).")] = "is_fraud",
     key_col: Annotated[
@@ -145,6 +149,8 @@ def replay(
 
     if not input.exists():
         raise UserError(f"--input {input} does not exist")
+    if scores_out is not None and not scores_out.name.lower().endswith((".parquet", ".csv")):
+        raise UserError(f"--scores must end in .parquet or .csv, got {scores_out.name!r}")
     try:
         df = simulator.read(input)
         history = simulator.read(warm_start) if warm_start is not None else None
@@ -195,6 +201,8 @@ def replay(
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(rep, indent=2, default=str))
+    if scores_out is not None:
+        simulator.write(evaluation.scores_frame(data, result), scores_out)
     _print_report(rep, json_out)
 
 
@@ -229,11 +237,12 @@ def _print_report(rep: dict[str, Any], json_out: Path | None) -> None:
 
 
 def demo_step(ctx: DemoContext) -> dict[str, Any]:
-    """Simulate a small month (+2 weeks), replay it with delayed labels, log it to MLflow."""
+    """Simulate a small world for 2-3 months, replay it with delayed labels, log it to MLflow."""
     from apps.finance import evaluation, simulator
     from apps.finance.service import ScorerConfig
 
-    customers, days = (300, 35) if ctx.quick else (1000, 56)
+    # long enough for the 30-day windows to fill and the model to see a month of labels
+    customers, days = (300, 63) if ctx.quick else (1000, 91)
     cfg = simulator.SimulatorConfig.scaled(customers, 2 * customers, days, seed=7)
     df = simulator.simulate(cfg)
     out = ctx.workdir / "fraud" / "transactions.parquet"
@@ -244,9 +253,11 @@ def demo_step(ctx: DemoContext) -> dict[str, Any]:
     rep = evaluation.report(data, result, ev, source=str(out))
     logged = evaluation.log_to_mlflow(rep, result.scorer, run_name="demo-fraud-replay")
     (ctx.workdir / "fraud" / "replay.json").write_text(json.dumps(rep, indent=2, default=str))
+    # per-event scores: what the Streamlit fraud page shows for a replay
+    simulator.write(evaluation.scores_frame(data, result), ctx.workdir / "fraud" / "scores.parquet")
     e = rep["evaluation"]
     return {
-        "transactions": len(df),
+        "replayed": len(df),
         "fraud_rate": round(float(df.is_fraud.mean()), 4),
         "auc": round(e["auc"], 3),
         "ap": round(e["ap"], 3),

@@ -303,13 +303,15 @@ def evaluation_periods(
     start: str | None = None,
     weeks: int | None = None,
     label_delay: str | float = "7d",
+    longest_window: str | float = "30d",
 ) -> tuple[str, list[tuple[float, float]]]:
     """The weeks to evaluate on: ``(protocol name, [(start, end), ...])``.
 
     * ``start`` given: ``weeks`` weeks from that date (default: as many as the data holds).
     * the data covers the handbook's test weeks: those (2018-08-08 + 4 weeks).
-    * otherwise: after a warm-up of max(2 × label delay, 25% of the time span) — at most half
-      the span, for short files — in weeks.
+    * otherwise: after a warm-up — the longest feature window plus the label delay (the
+      features are not stationary before), at least 2 × the delay and 25% of the span, at
+      most half the span (short files) — in weeks.
     """
     lo, hi = float(ts.min()), float(ts.max())
     if start is not None:
@@ -320,7 +322,9 @@ def evaluation_periods(
     ):
         name, t0, weeks = "handbook test weeks", _ts(HANDBOOK_TEST_START), HANDBOOK_TEST_WEEKS
     else:
-        warm = min(max(2 * parse_span(label_delay), 0.25 * (hi - lo)), 0.5 * (hi - lo))
+        delay = parse_span(label_delay)
+        warm = max(2 * delay, parse_span(longest_window) + delay, 0.25 * (hi - lo))
+        warm = min(warm, 0.5 * (hi - lo))
         t0 = np.floor((lo + warm) / DAY) * DAY
         name = f"after {warm / DAY:.0f}-day warm-up"
     if t0 > hi:
@@ -334,6 +338,12 @@ def evaluation_periods(
         periods.append((t0 + w * 7 * DAY, t0 + (w + 1) * 7 * DAY))
         w += 1
     return name, periods
+
+
+def _spans(features: FeatureConfig) -> tuple[float, float]:
+    """(label delay, longest card/terminal window) in seconds, for the evaluation warm-up."""
+    spans = [*features.card_spans, *features.terminal_spans, features.profile_span]
+    return parse_span(features.label_delay), max(parse_span(s) for s in spans)
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -373,7 +383,7 @@ def evaluate(
 ) -> Evaluation:
     """Handbook-style metrics of a replay (see the module docstring)."""
     protocol, periods = evaluation_periods(
-        data.ts, start, weeks, result.scorer.config.features.label_delay
+        data.ts, start, weeks, *_spans(result.scorer.config.features)
     )
     ts, y, s, a, ok = data.ts, data.y, result.score, result.alert, result.scored
     day = np.floor(ts / DAY).astype(np.int64)
@@ -446,7 +456,7 @@ def run_replay(
     """prepare → (optional warm start on a labelled history) → replay → evaluate."""
     data = prepare(df, columns, passthrough)
     config = config or ScorerConfig()
-    evaluation_periods(data.ts, start, weeks, config.features.label_delay)  # fail before the work
+    evaluation_periods(data.ts, start, weeks, *_spans(config.features))  # fail before the work
     config = config.with_changes(
         features=FeatureConfig(
             **{**asdict(data.features), "label_delay": config.features.label_delay}
@@ -484,6 +494,30 @@ def report(
         "scorer": result.scorer.stats(),
         "evaluation": ev.to_dict(),
     }
+
+
+def scores_frame(data: Prepared, result: ReplayResult) -> pd.DataFrame:
+    """One row per transaction: ids, time, amount, score, threshold, alert, label (scenario)."""
+    import pandas as pd
+
+    cols = data.columns
+    field = dict(zip(data.names, data.values, strict=True))
+    out = pd.DataFrame(
+        {
+            "tx_id": data.tx_id,
+            "ts": data.ts,
+            "card_id": data.card if data.card is not None else None,
+            "terminal_id": field.get(cols.terminal) if cols.terminal else None,
+            "amount": field[cols.amount],
+            "score": result.score,
+            "threshold": result.threshold,
+            "is_alert": result.alert,
+            "is_fraud": data.y,
+        }
+    )
+    if data.scenario is not None:
+        out["scenario"] = data.scenario
+    return out
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

@@ -77,6 +77,8 @@ def test_replay_writes_a_report_and_logs_to_mlflow(simulated: Path, tmp_path: Pa
         str(simulated),
         "--json",
         str(out),
+        "--scores",
+        str(tmp_path / "scores.parquet"),
         "--alerts-per-day",
         "4",
         "--no-progress",
@@ -91,6 +93,9 @@ def test_replay_writes_a_report_and_logs_to_mlflow(simulated: Path, tmp_path: Pa
     assert e["scenarios"] and all("recall_at_threshold" in m for m in e["scenarios"].values())
     assert rep["mlflow"]["model_name"] == "vigil-fraud" and rep["mlflow"]["model_version"] == "1"
     assert "auc" in r.stdout
+    scores = pd.read_parquet(tmp_path / "scores.parquet")
+    assert len(scores) == rep["rows"] and scores.is_alert.sum() == rep["scorer"]["alerts"]
+    assert {"tx_id", "ts", "card_id", "score", "threshold", "is_fraud"} <= set(scores.columns)
 
 
 def _main(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
@@ -179,7 +184,7 @@ def test_bad_simulate_arguments_are_user_errors(
 
 
 @pytest.mark.integration
-def test_demo_step_replays_a_small_month(tmp_path: Path, mlflow_store: str) -> None:
+def test_demo_step_replays_a_small_world(tmp_path: Path, mlflow_store: str) -> None:
     from rich.console import Console
 
     from pipelines.demo import DemoContext
@@ -193,10 +198,10 @@ def test_demo_step_replays_a_small_month(tmp_path: Path, mlflow_store: str) -> N
         console=Console(quiet=True),
     )
     summary = demo_step(ctx)
-    assert summary["transactions"] > 5000 and 0.5 < summary["auc"] <= 1.0
+    assert summary["replayed"] > 5000 and 0.8 < summary["auc"] <= 1.0
     assert summary["model"].startswith("vigil-fraud v")
     assert (tmp_path / "fraud" / "transactions.parquet").exists()
+    assert (tmp_path / "fraud" / "scores.parquet").exists()
     assert (
-        json.loads((tmp_path / "fraud" / "replay.json").read_text())["rows"]
-        == summary["transactions"]
+        json.loads((tmp_path / "fraud" / "replay.json").read_text())["rows"] == summary["replayed"]
     )

@@ -75,7 +75,7 @@ def test_handbook_features_equal_an_independent_reference(world_and_features) ->
 def test_handbook_flags(world_and_features) -> None:
     df, X = world_and_features
     when = pd.to_datetime(df.ts, unit="s", utc=True)
-    np.testing.assert_array_equal(X.is_weekend, (when.dt.dayofweek >= 5).astype(float))
+    np.testing.assert_array_equal(X.is_weekend, (when.dt.day_of_week >= 5).astype(float))
     np.testing.assert_array_equal(X.is_night, (when.dt.hour <= 6).astype(float))
     assert X.notna().all().all() and np.isfinite(X.to_numpy()).all()
 
