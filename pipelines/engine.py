@@ -1,0 +1,349 @@
+"""One execution seam for batch jobs: the same per-item function on a local process pool or Ray.
+
+``run_items(items, make_worker, engine=..., workers=...)`` calls ``make_worker()`` **once per
+worker process** (it loads the model and returns the per-item callable), then feeds it items and
+yields an :class:`Outcome` for each item *as it completes*, so the caller can update its manifest
+after every item. Workers write their (large) outputs themselves and return small records.
+
+* ``engine="local"`` (default): ``workers=1`` runs in this process; ``workers>1`` uses a
+  ``spawn`` process pool whose processes cache their worker on first use.
+* ``engine="ray"``: ``workers`` actors (one CPU each, ``cpus_per_worker`` to change). With
+  ``ray_address`` it joins that cluster (``ray.init(address=...)``); otherwise it starts a small
+  local one and shuts it down at the end. A Ray session that is already initialised is reused.
+
+Fault tolerance (both engines): an item that raises is retried up to ``max_retries`` times, then
+yielded as failed with its reason. A worker process that dies (``os._exit``, OOM kill, segfault;
+on Ray also an item running past ``item_timeout``) takes the items it was running with it: they
+are retried on a fresh worker, then failed. The job always finishes. Locally a dead process breaks
+the whole pool, so every item in flight at that moment (at most ``workers``) is charged one try.
+If ``make_worker`` itself raises, nothing can run: :class:`WorkerInitError` is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+Engine = Literal["local", "ray"]
+ENGINES: tuple[str, ...] = ("local", "ray")
+WorkerFactory = Callable[[], Callable[[Any], Any]]
+
+
+class WorkerInitError(RuntimeError):
+    """``make_worker()`` failed (e.g. the model cannot be loaded): no item can run."""
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What happened to one item: ``value`` when ``ok``, else ``error`` (``kind: message``)."""
+
+    index: int
+    item: T
+    ok: bool
+    value: Any = None
+    error: str = ""
+    attempts: int = 1
+    worker_died: bool = False
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def validate(engine: str, workers: int, max_retries: int) -> None:
+    """Reject bad arguments with a ``ValueError`` that names them."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+
+
+def run_items(
+    items: Sequence[T],
+    make_worker: WorkerFactory,
+    *,
+    engine: str = "local",
+    workers: int = 1,
+    ray_address: str | None = None,
+    max_retries: int = 2,
+    item_timeout: float | None = None,
+    cpus_per_worker: float = 1.0,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[Outcome[T]]:
+    """Run ``make_worker()(item)`` for every item; yield outcomes in completion order.
+
+    ``make_worker`` must be picklable (a module-level function, class or ``functools.partial``
+    of one). ``env`` is set in each worker process before ``make_worker`` runs (e.g. the MLflow
+    tracking URI, which a joined cluster does not inherit). Closing the generator early (the
+    caller was interrupted) stops the workers; outcomes not yet yielded are simply not done.
+    """
+    validate(engine, workers, max_retries)
+    if item_timeout is not None and item_timeout <= 0:
+        raise ValueError(f"item_timeout must be > 0, got {item_timeout}")
+    if not items:
+        return iter(())
+    if engine == "ray":
+        return _run_ray(
+            items,
+            make_worker,
+            workers,
+            ray_address,
+            max_retries,
+            item_timeout,
+            cpus_per_worker,
+            env,
+        )
+    if workers == 1:
+        return _run_inline(items, make_worker, max_retries, env)
+    return _run_pool(items, make_worker, workers, max_retries, env)
+
+
+# --------------------------------------------------------------------------- local engines
+_WORKER: Callable[[Any], Any] | None = None  # per pool process (each pool is fresh per job)
+
+
+def _load(make_worker: WorkerFactory, env: Mapping[str, str] | None) -> Callable[[Any], Any]:
+    if env:
+        os.environ.update(env)
+    try:
+        return make_worker()
+    except Exception as exc:
+        raise WorkerInitError(f"worker could not start: {_describe(exc)}") from exc
+
+
+def _try(fn: Callable[[Any], Any], item: Any) -> tuple[bool, Any]:
+    """(True, value) or (False, reason): an item's exception never leaves the worker."""
+    try:
+        return True, fn(item)
+    except Exception as exc:
+        log.warning("item failed: %s", _describe(exc))
+        return False, _describe(exc)
+
+
+def _pool_call(make_worker: WorkerFactory, env: Mapping[str, str] | None, item: Any) -> Any:
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = _load(make_worker, env)  # WorkerInitError propagates: the job cannot run
+    return _try(_WORKER, item)
+
+
+def _run_inline(
+    items: Sequence[T], make_worker: WorkerFactory, max_retries: int, env: Mapping[str, str] | None
+) -> Iterator[Outcome[T]]:
+    fn = _load(make_worker, env)
+    for i, item in enumerate(items):
+        attempt = 0
+        while True:
+            attempt += 1
+            ok, payload = _try(fn, item)
+            if ok:
+                yield Outcome(i, item, True, payload, attempts=attempt)
+                break
+            if attempt > max_retries:
+                yield Outcome(i, item, False, error=payload, attempts=attempt)
+                break
+
+
+def _run_pool(
+    items: Sequence[T],
+    make_worker: WorkerFactory,
+    workers: int,
+    max_retries: int,
+    env: Mapping[str, str] | None,
+) -> Iterator[Outcome[T]]:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    queue: deque[int] = deque(range(len(items)))
+    tries = [0] * len(items)
+    ctx = mp.get_context("spawn")  # torch + fork is unsafe
+    pool = ProcessPoolExecutor(workers, mp_context=ctx)
+    running: dict[Future[Any], int] = {}
+
+    def settle(i: int, ok: bool, payload: Any, died: bool) -> Outcome[T] | None:
+        """The outcome to yield, or None when the item goes back in the queue for a retry."""
+        if ok:
+            return Outcome(i, items[i], True, payload, attempts=tries[i])
+        if tries[i] > max_retries:
+            return Outcome(i, items[i], False, error=payload, attempts=tries[i], worker_died=died)
+        (queue.appendleft if died else queue.append)(i)
+        return None
+
+    try:
+        while queue or running:
+            # At most `workers` items in flight: a dead process then charges only those.
+            while queue and len(running) < workers:
+                i = queue.popleft()
+                tries[i] += 1
+                running[pool.submit(_pool_call, make_worker, env, items[i])] = i
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in list(done) + [f for f in running if f not in done]:
+                if fut not in done and not broken:
+                    continue  # still running; only collected after a break
+                i = running.pop(fut)
+                try:
+                    ok, payload = fut.result()
+                    died = False
+                except BrokenProcessPool as exc:
+                    broken, ok, died = True, False, True
+                    payload = f"worker died: {_describe(exc)}"
+                out = settle(i, ok, payload, died)
+                if out is not None:
+                    yield out
+            if broken:
+                log.warning("a worker process died; starting a new pool")
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = ProcessPoolExecutor(workers, mp_context=ctx)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- Ray
+class _RayWorker:
+    """Ray actor body: loads the worker once, then runs items."""
+
+    def __init__(self, make_worker: WorkerFactory, env: Mapping[str, str] | None) -> None:
+        self.fn = _load(make_worker, env)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, item: Any) -> tuple[bool, Any]:
+        return _try(self.fn, item)
+
+
+def _ray_start(ray_address: str | None, workers: int) -> bool:
+    """Connect to or start Ray; True when this call started it (so it must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if ray_address:
+        try:
+            ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConnectionError(f"cannot join the Ray cluster at {ray_address}: {exc}") from exc
+    else:
+        ray.init(
+            num_cpus=workers,
+            include_dashboard=False,
+            object_store_memory=100 * 2**20,  # records are small; outputs go to disk
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    return True
+
+
+def _run_ray(
+    items: Sequence[T],
+    make_worker: WorkerFactory,
+    workers: int,
+    ray_address: str | None,
+    max_retries: int,
+    item_timeout: float | None,
+    cpus_per_worker: float,
+    env: Mapping[str, str] | None,
+) -> Iterator[Outcome[T]]:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+    started = _ray_start(ray_address, workers)
+    actor_cls: Any = ray.remote(num_cpus=cpus_per_worker, max_restarts=0, max_task_retries=0)(
+        _RayWorker
+    )
+    fn_ref = ray.put(make_worker)
+    queue: deque[int] = deque(range(len(items)))
+    tries = [0] * len(items)
+    actors: list[Any] = []
+    running: dict[Any, tuple[int, int, float]] = {}  # ref -> (item, actor slot, start time)
+    timed_out: set[Any] = set()
+    restarts = 0
+    max_restarts = workers + len(items) * (max_retries + 1)  # every try may kill a worker
+
+    def spawn(n: int) -> list[Any]:
+        """n ready actors (each has loaded its worker); all start loading at once."""
+        new = [actor_cls.remote(fn_ref, dict(env) if env else None) for _ in range(n)]
+        try:
+            ray.get([a.ready.remote() for a in new], timeout=600)
+        except (RayActorError, GetTimeoutError) as exc:
+            for a in new:
+                ray.kill(a)
+            cause = getattr(exc, "error_msg", "") or str(exc)
+            raise WorkerInitError(f"Ray worker could not start: {cause[:800]}") from None
+        return new
+
+    def submit(slot: int) -> None:
+        i = queue.popleft()
+        tries[i] += 1
+        running[actors[slot].run.remote(items[i])] = (i, slot, time.monotonic())
+
+    def settle(i: int, ok: bool, payload: Any, died: bool) -> Outcome[T] | None:
+        if ok:
+            return Outcome(i, items[i], True, payload, attempts=tries[i])
+        if tries[i] > max_retries:
+            return Outcome(i, items[i], False, error=payload, attempts=tries[i], worker_died=died)
+        queue.append(i)
+        return None
+
+    try:
+        actors = spawn(min(workers, len(items)))
+        idle = list(range(len(actors)))
+        while queue or running:
+            while queue and idle:
+                submit(idle.pop())
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            if item_timeout is not None:
+                now = time.monotonic()
+                for ref, (i, slot, t0) in running.items():
+                    if ref not in timed_out and now - t0 > item_timeout:
+                        log.warning("item %d ran past %s s: killing its worker", i, item_timeout)
+                        timed_out.add(ref)
+                        ray.kill(actors[slot])  # its task now fails with RayActorError
+            for ref in done:
+                i, slot, _ = running.pop(ref)
+                try:
+                    ok, payload = ray.get(ref)
+                except RayActorError as exc:
+                    if ref in timed_out:
+                        reason = f"timed out after {item_timeout} s"
+                    else:
+                        reason = f"worker died: {_describe(exc).splitlines()[0]}"
+                    log.warning("item %d: %s", i, reason)
+                    out = settle(i, False, reason, True)
+                    if out is not None:
+                        yield out
+                    restarts += 1
+                    if restarts > max_restarts:
+                        raise RuntimeError("Ray workers keep dying; giving up") from exc
+                    ray.kill(actors[slot])
+                    actors[slot] = spawn(1)[0]
+                    idle.append(slot)
+                    continue
+                except RayError as exc:  # object lost, owner died...: retried like a crash
+                    ok, payload = False, f"ray error: {_describe(exc)}"
+                    out = settle(i, ok, payload, True)
+                else:
+                    if not ok:
+                        log.warning("item %d failed (try %d): %s", i, tries[i], payload)
+                    out = settle(i, ok, payload, False)
+                idle.append(slot)
+                if out is not None:
+                    yield out
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if started:
+            ray.shutdown()

@@ -1,0 +1,175 @@
+"""The batch seam on both engines: same results, bounded retries, dead workers, no hang.
+
+Ray tests share one local 2-CPU Ray session (``ray_cluster``, started once per test session; the
+medical and defect batch tests import it from here).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines.engine import Outcome, WorkerInitError, run_items
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray with 2 CPUs for the whole test session (starting one costs 5-10 s)."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=100 * 2**20,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield
+    if started:
+        ray.shutdown()
+
+
+# Per-item functions live at module level so that pool processes and Ray workers can import them.
+def _make_worker(state: Path, init_fails: bool = False) -> Callable[[Any], Any]:
+    """Counts its loads in ``state/loads`` (one line per worker process)."""
+    if init_fails:
+        raise OSError("model file is corrupt")
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / "loads").open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    return partial(_work, state)
+
+
+def _work(state: Path, item: Any) -> dict[str, Any]:
+    """``("raise", k)`` always raises; ``("die", k)`` kills its process; ``"once-"`` variants
+    do it only on the first try (a marker file remembers); ``("sleep", s)`` sleeps."""
+    kind, k = item
+    marker = state / f"{kind}-{k}"
+    first = not marker.exists()
+    marker.touch()
+    if kind == "raise" or (kind == "once-raise" and first):
+        raise ValueError(f"bad item {k}")
+    if kind == "die" or (kind == "once-die" and first):
+        os._exit(1)
+    if kind == "sleep":
+        time.sleep(k)
+    return {"k": k, "square": k * k}
+
+
+def _collect(outs: Iterator[Outcome[Any]]) -> dict[Any, Outcome[Any]]:
+    return {o.item: o for o in outs}
+
+
+def _loads(state: Path) -> int:
+    return len((state / "loads").read_text().splitlines())
+
+
+ENGINES = [
+    pytest.param("local", 1, id="local1"),
+    pytest.param("local", 2, id="local2"),
+    pytest.param("ray", 2, id="ray2", marks=[pytest.mark.integration]),
+]
+
+
+@pytest.mark.parametrize(("engine", "workers"), ENGINES)
+def test_results_retries_and_dead_workers(
+    engine: str, workers: int, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if engine == "ray":
+        request.getfixturevalue("ray_cluster")
+    if engine == "local" and workers == 1:
+        items = [("ok", k) for k in range(6)] + [("raise", 7), ("once-raise", 8)]
+    else:  # a dying item would kill the test process itself in inline mode
+        items = [("ok", k) for k in range(6)] + [
+            ("raise", 7),
+            ("once-raise", 8),
+            ("die", 9),
+            ("once-die", 10),
+        ]
+    got = _collect(
+        run_items(
+            items, partial(_make_worker, tmp_path), engine=engine, workers=workers, max_retries=2
+        )
+    )
+    assert set(got) == set(items)
+    for k in range(6):
+        o = got[("ok", k)]
+        assert o.ok and o.value == {"k": k, "square": k * k}
+        assert items[o.index] == ("ok", k)
+    bad = got[("raise", 7)]
+    assert (bad.ok, bad.attempts, bad.worker_died) == (False, 3, False)
+    assert bad.error == "ValueError: bad item 7"
+    assert got[("once-raise", 8)].ok and got[("once-raise", 8)].attempts == 2
+    if ("die", 9) in got:
+        dead = got[("die", 9)]
+        assert (dead.ok, dead.attempts, dead.worker_died) == (False, 3, True)
+        assert "died" in dead.error
+        assert got[("once-die", 10)].ok and got[("once-die", 10)].value["square"] == 100
+    # the model is loaded once per worker process, not per item: only dead workers are replaced
+    deaths = 4 if ("die", 9) in got else 0
+    assert _loads(tmp_path) <= workers + deaths * (1 if engine == "ray" else workers)
+
+
+@pytest.mark.parametrize(("engine", "workers"), ENGINES)
+def test_init_failure_is_one_clear_error(
+    engine: str, workers: int, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if engine == "ray":
+        request.getfixturevalue("ray_cluster")
+    with pytest.raises(WorkerInitError, match="model file is corrupt"):
+        list(
+            run_items(
+                [("ok", 1), ("ok", 2)],
+                partial(_make_worker, tmp_path, init_fails=True),
+                engine=engine,
+                workers=workers,
+            )
+        )
+
+
+@pytest.mark.integration
+def test_ray_item_timeout_kills_the_worker_and_the_job_finishes(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    t0 = time.monotonic()
+    got = _collect(
+        run_items(
+            [("sleep", 60), ("ok", 2), ("ok", 3)],
+            partial(_make_worker, tmp_path),
+            engine="ray",
+            workers=2,
+            max_retries=0,
+            item_timeout=2.0,
+        )
+    )
+    assert time.monotonic() - t0 < 45
+    slow = got[("sleep", 60)]
+    assert (slow.ok, slow.worker_died) == (False, True) and "timed out" in slow.error
+    assert got[("ok", 2)].ok and got[("ok", 3)].ok
+
+
+def test_closing_early_stops_cleanly(tmp_path: Path) -> None:
+    gen = run_items([("ok", k) for k in range(8)], partial(_make_worker, tmp_path), workers=2)
+    first = next(iter(gen))
+    assert first.ok
+    gen.close()  # what an interrupted caller does; must not hang or raise
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    mk = partial(_make_worker, tmp_path)
+    with pytest.raises(ValueError, match="engine"):
+        run_items([1], mk, engine="spark")
+    with pytest.raises(ValueError, match="workers"):
+        run_items([1], mk, workers=0)
+    with pytest.raises(ValueError, match="max_retries"):
+        run_items([1], mk, max_retries=-1)
+    with pytest.raises(ValueError, match="item_timeout"):
+        run_items([1], mk, item_timeout=0)
+    assert list(run_items([], mk, engine="ray")) == []
