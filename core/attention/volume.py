@@ -82,76 +82,93 @@ class Attention3D(nn.Module):
         return "window" if padded <= 2 * math.prod(shape) else "axial"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> (B, C, D, H, W)."""
+        """(B, C, D, H, W) -> (B, C, D, H, W), in ``x``'s memory format."""
         if x.dim() != 5 or x.shape[1] != self.channels:
             raise ValueError(f"expected (B, {self.channels}, D, H, W), got {tuple(x.shape)}")
-        D, H, W = x.shape[2:]
+        B, C, D, H, W = x.shape
         mode = self.resolve_mode((D, H, W))
-        # The 1×1×1 convolutions are GEMMs over channels. Running them on the channels-last view
-        # (free for a channels_last_3d input) yields the token-major (…, C) layout SDPA needs,
-        # with no transpose copies in between.
-        tokens = x.permute(0, 2, 3, 4, 1)  # (B, D, H, W, C)
-        if mode == "window":
-            # One slab of windows (window × H × W voxels) at a time, written into the result:
-            # scratch memory is one slab's q/k/v, not the whole map's.
-            y = torch.empty_like(x)
-            for d0 in range(0, D, self.window):
-                d1 = min(d0 + self.window, D)
-                o = self._window(tokens[:, d0:d1])  # (B, d1-d0, H, W, C)
-                y[:, :, d0:d1] = torch.addcmul(x[:, :, d0:d1], self.gamma, o.permute(0, 4, 1, 2, 3))
-            return y
-        out = self._full(tokens) if mode == "full" else self._axial(tokens)
-        # out: (B, D, H, W, C) -> NCDHW view (channels_last_3d memory format); one fused pass
-        return torch.addcmul(x, self.gamma, out.permute(0, 4, 1, 2, 3))
+        if mode == "axial":
+            out = self._axial(x.permute(0, 2, 3, 4, 1))  # (B, D, H, W, C)
+            return torch.addcmul(x, self.gamma, out.permute(0, 4, 1, 2, 3))
+        # Full and window attention run per sample and per slab of the map, each slab written
+        # into the result: scratch memory is one slab's q/k/v, never the whole map's. Without
+        # autograd the residual is written in place (no temporary per slab).
+        y = torch.empty_like(x)
+        in_place = not torch.is_grad_enabled()
+        depth = D if mode == "full" else min(self.window, D)
+        for b in range(B):
+            for d0 in range(0, D, depth):
+                xs, ys = x[b, :, d0 : d0 + depth], y[b, :, d0 : d0 + depth]  # (C, d, H, W)
+                if mode == "full":
+                    n = xs[0].numel()
+                    o = self._attend(xs.reshape(C, n), n, None).view_as(xs)
+                    self._residual(xs, o, ys, in_place)
+                else:
+                    self._window_slab(xs, ys, in_place)
+        return y
 
-    # ------------------------------------------------------------- the three modes
+    # ------------------------------------------------------------- building blocks
+    def _residual(
+        self, x: torch.Tensor, o: torch.Tensor, out: torch.Tensor, in_place: bool
+    ) -> None:
+        """out = x + gamma · o, fused."""
+        if in_place:
+            torch.addcmul(x, self.gamma, o, out=out)
+        else:
+            out.copy_(torch.addcmul(x, self.gamma, o))
+
+    def _attend(self, xc: torch.Tensor, group: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention inside consecutive groups of ``group`` positions of ``xc`` (C, n).
+
+        Channel-first in, channel-first out, and both 1×1×1 convolutions are single GEMMs that
+        read their operand transposed in place (BLAS ``trans`` flags): the (C, n) slab of an
+        NCDHW map is never copied to token-major order. Returns (C, n) with the output
+        projection applied.
+        """
+        C, n = xc.shape
+        h, hd = self.heads, self.head_dim
+        # (n, 3C) token-major q/k/v, one GEMM; q/k/v are strided views with contiguous last dim
+        qkv = torch.addmm(self.qkv.bias, xc.t(), self.qkv.weight.view(3 * C, C).t())
+        qkv = qkv.view(n // group, group, 3, h, hd)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (G, h, group, hd)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (G, h, group, hd)
+        ot = o.view(n, C) if h == 1 else o.transpose(1, 2).reshape(n, C)
+        return torch.addmm(self.proj.bias.view(C, 1), self.proj.weight.view(C, C), ot.t())
+
+    def _window_slab(self, xs: torch.Tensor, ys: torch.Tensor, in_place: bool) -> None:
+        """Window attention for one slab (C, d, H, W) of at most ``window`` depth, into ``ys``."""
+        C, d, H, W = xs.shape
+        w = self.window
+        wh, ww = min(w, H), min(w, W)  # a window never exceeds the map
+        nh, nw = math.ceil(H / wh), math.ceil(W / ww)
+        ph, pw = nh * wh - H, nw * ww - W
+        xp = F.pad(xs, (0, pw, 0, ph)) if ph or pw else xs
+        M = d * wh * ww
+        # Partition channel-first, (C, nh, nw, d, wh, ww): one copy of C channels, cheaper than
+        # partitioning the 3C-channel projection.
+        xw = xp.reshape(C, d, nh, wh, nw, ww).permute(0, 2, 4, 1, 3, 5).reshape(C, -1)
+        mask = None
+        if ph or pw:  # zero padding must not be attended to
+            real = torch.zeros(nh * wh, nw * ww, dtype=torch.bool, device=xs.device)
+            real[:H, :W] = True
+            mask = (
+                real.view(nh, wh, nw, ww)
+                .permute(0, 2, 1, 3)
+                .reshape(nh * nw, 1, 1, 1, wh * ww)
+                .expand(-1, -1, -1, d, -1)
+                .reshape(nh * nw, 1, 1, M)
+            )
+        o = self._attend(xw, M, mask)  # (C, nh·nw·M), windows in partition order
+        o = o.view(C, nh, nw, d, wh, ww).permute(0, 3, 1, 4, 2, 5)  # (C, d, nh, wh, nw, ww)
+        if ph or pw:
+            o = o.reshape(C, d, nh * wh, nw * ww)[:, :, :H, :W]
+            self._residual(xs, o, ys, in_place)
+        else:
+            shape = (C, d, nh, wh, nw, ww)
+            self._residual(xs.view(shape), o, ys.view(shape), in_place)
+
     def _linear(self, conv: nn.Conv3d, t: torch.Tensor) -> torch.Tensor:
         return F.linear(t, conv.weight.flatten(1), conv.bias)
-
-    def _full(self, t: torch.Tensor) -> torch.Tensor:
-        B, D, H, W, C = t.shape
-        N, h, hd = D * H * W, self.heads, self.head_dim
-        qkv = self._linear(self.qkv, t).reshape(B, N, 3, h, hd)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, h, N, hd)
-        o = F.scaled_dot_product_attention(q, k, v)  # flash kernel: no (N, N) matrix
-        return self._linear(self.proj, o.transpose(1, 2).reshape(B, D, H, W, C))
-
-    def _window(self, t: torch.Tensor) -> torch.Tensor:
-        B, D, H, W, C = t.shape
-        w, h, hd = self.window, self.heads, self.head_dim
-        wd, wh, ww = min(w, D), min(w, H), min(w, W)  # a window never exceeds the map
-        nd, nh, nw = math.ceil(D / wd), math.ceil(H / wh), math.ceil(W / ww)
-        pd, ph, pw = nd * wd - D, nh * wh - H, nw * ww - W
-        if pd or ph or pw:
-            t = F.pad(t, (0, 0, 0, pw, 0, ph, 0, pd))
-        # Partition once (C channels, cheaper than 3C): (B*nwin, wd*wh*ww, C)
-        win = (
-            t.reshape(B, nd, wd, nh, wh, nw, ww, C)
-            .permute(0, 1, 3, 5, 2, 4, 6, 7)
-            .reshape(B * nd * nh * nw, wd * wh * ww, C)
-        )
-        M = wd * wh * ww
-        qkv = self._linear(self.qkv, win).view(-1, M, 3, h, hd)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B*nwin, h, M, hd)
-        mask = None
-        if pd or ph or pw:  # zero padding must not be attended to
-            real = torch.zeros(nd * wd, nh * wh, nw * ww, dtype=torch.bool, device=t.device)
-            real[:D, :H, :W] = True
-            mask = (
-                real.view(nd, wd, nh, wh, nw, ww)
-                .permute(0, 2, 4, 1, 3, 5)
-                .reshape(1, nd * nh * nw, 1, 1, M)
-                .expand(B, -1, -1, -1, -1)
-                .reshape(B * nd * nh * nw, 1, 1, M)
-            )
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        o = self._linear(self.proj, o.transpose(1, 2).reshape(-1, M, C))
-        o = (
-            o.view(B, nd, nh, nw, wd, wh, ww, C)
-            .permute(0, 1, 4, 2, 5, 3, 6, 7)
-            .reshape(B, nd * wd, nh * wh, nw * ww, C)
-        )
-        return o[:, :D, :H, :W]
 
     def _axial(self, t: torch.Tensor) -> torch.Tensor:
         B, D, H, W, C = t.shape

@@ -153,3 +153,22 @@ def test_gradcheck(mode: str) -> None:
     m = block(mode, channels=4, heads=2, window=2).double()
     x = torch.randn(1, 4, 3, 2, 3, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("mode", ["full", "window"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_path_writes_the_same_result_as_the_autograd_path(
+    mode: str, channels_last: bool
+) -> None:
+    """Without autograd the residual is written in place; it must not change the values, the
+    shape or the input's memory format. (7, 9, 10) pads both H and W to whole windows."""
+    torch.manual_seed(8)
+    m = block(mode, channels=16, heads=2, window=4)
+    x = torch.randn(2, 16, 7, 9, 10)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = x.to(memory_format=fmt)
+    expected = m(x)
+    with torch.no_grad():
+        got = m(x)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert got.is_contiguous(memory_format=fmt)
