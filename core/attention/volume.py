@@ -127,13 +127,15 @@ class Attention3D(nn.Module):
         """
         C, n = xc.shape
         h, hd = self.heads, self.head_dim
+        qkv_bias, proj_bias = self.qkv.bias, self.proj.bias
+        assert qkv_bias is not None and proj_bias is not None  # built with bias=True
         # (n, 3C) token-major q/k/v, one GEMM; q/k/v are strided views with contiguous last dim
-        qkv = torch.addmm(self.qkv.bias, xc.t(), self.qkv.weight.view(3 * C, C).t())
+        qkv = torch.addmm(qkv_bias, xc.t(), self.qkv.weight.view(3 * C, C).t())
         qkv = qkv.view(n // group, group, 3, h, hd)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (G, h, group, hd)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (G, h, group, hd)
         ot = o.view(n, C) if h == 1 else o.transpose(1, 2).reshape(n, C)
-        return torch.addmm(self.proj.bias.view(C, 1), self.proj.weight.view(C, C), ot.t())
+        return torch.addmm(proj_bias.view(C, 1), self.proj.weight.view(C, C), ot.t())
 
     def _window_slab(self, xs: torch.Tensor, ys: torch.Tensor, in_place: bool) -> None:
         """Window attention for one slab (C, d, H, W) of at most ``window`` depth, into ``ys``."""
