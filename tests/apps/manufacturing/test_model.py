@@ -194,6 +194,29 @@ def test_int8_stays_close_to_fp32(brick_scenes) -> None:
     assert aucs[True] >= aucs[False] - 0.03, aucs
 
 
+def test_int8_onnx_detector_runs_int8_kernels_and_saves_its_graph(brick_scenes, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    shots = [s.image for s in brick_scenes["fit"]]
+    test = brick_scenes["good"] + brick_scenes["defects"][1::2]
+    images = [s.image for s in test]
+    det = FewShotDetector(engine="onnx", int8=True, bank_size=1024).fit(shots)
+    assert det.int8_kernels and det.fit_info["int8_kernels"]
+    assert det.net.runtime is not None
+    ops = {n.op_type for n in onnx.load_from_string(det.net.runtime.onnx).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops  # every conv runs INT8 x INT8
+    path = det.save(tmp_path / "int8.vdd")
+    assert path.stat().st_size <= 2.3e6
+    loaded = FewShotDetector.load(path)
+    assert loaded.int8_kernels  # the saved graph, not a re-export with other scales
+    np.testing.assert_allclose(loaded.raw_scores(images), det.raw_scores(images), rtol=0.02)
+    y = [s.defect_type is not None for s in test]
+    assert roc_auc_score(y, det.raw_scores(images)) >= 0.9
+    fp32 = FewShotDetector(engine="onnx", int8=False, bank_size=1024).fit(shots)
+    assert not fp32.int8_kernels
+
+
 def test_saved_file_refuses_damage(fitted, tmp_path) -> None:
     path = fitted.save(tmp_path / "det.vdd")
     data = bytearray(path.read_bytes())
