@@ -8,8 +8,11 @@
 * **Quarantine**: a study that cannot be analysed gets ``OUT/quarantine/<key>.json`` with the
   reason and the ingestion issues; file-level problems of the scan go to
   ``OUT/quarantine/scan_issues.jsonl``. One bad study never stops the batch.
-* **Parallel**: ``workers`` processes (each loads the model once); progress bar; one MLflow run
-  with counts, timings and failure reasons (keys and counts only, never identity).
+* **Parallel**: ``workers`` processes (each loads the model once) on the local process pool or
+  on Ray (``engine="ray"``, see :mod:`pipelines.engine`); a study that raises or kills its
+  worker is retried ``max_retries`` times, then quarantined (``error`` / ``worker_died``).
+  Progress bar; one MLflow run with counts, timings and failure reasons (keys and counts only,
+  never identity).
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MANIFEST_SCHEMA = "vigil.medical.batch-manifest/1"
-
-_SERVICE: MedicalService | None = None  # per worker process
 
 
 @dataclass
@@ -93,54 +94,78 @@ def _save_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, p)  # atomic: a crash leaves the old or the new manifest, never half of one
 
 
-def _init_worker(model_source: str | None, threads: int, service_kw: dict[str, Any]) -> None:
-    import torch
+class StudyWorker:
+    """One worker process's model (loaded once) and the per-study job: analyse, write the
+    outputs under ``out_dir``, return a small manifest record. The same object runs in this
+    process, a pool process or a Ray actor (:mod:`pipelines.engine`)."""
 
-    from apps.medical.service import MedicalService
+    def __init__(
+        self,
+        model_source: str | None,
+        threads: int,
+        service_kw: dict[str, Any],
+        root: str,
+        out_dir: str,
+        use_text: bool,
+    ) -> None:
+        import torch
 
-    global _SERVICE
-    torch.set_num_threads(max(1, threads))
-    _SERVICE = MedicalService.load(model_source, **service_kw)
+        from apps.medical.service import MedicalService
+
+        torch.set_num_threads(max(1, threads))
+        self.service: MedicalService = MedicalService.load(model_source, **service_kw)
+        self.root, self.out_dir, self.use_text = root, out_dir, use_text
+
+    def __call__(self, study: Study) -> dict[str, Any]:
+        """A study that cannot be analysed (:class:`StudyError`) is a record, not an exception;
+        anything else raises, so the engine retries it (then the batch quarantines it)."""
+        from apps.medical.deid import Deidentifier
+        from apps.medical.pacs import ScanResult
+        from apps.medical.report import write_all
+        from apps.medical.service import StudyError
+
+        t0 = time.perf_counter()
+        deid = Deidentifier()
+        scan = ScanResult(Path(self.root), {study.uid: study}, [], 0, 0, deid)
+        rec: dict[str, Any] = {"study_key": study.key}
+        try:
+            rep = self.service.analyze_study(study, scan, use_text=self.use_text)
+            paths = write_all(rep, Path(self.out_dir) / "studies" / study.key, deid, study.identity)
+            rec.update(
+                status="done",
+                outputs=sorted(str(p.relative_to(self.out_dir)) for p in paths.values()),
+                n_findings=len(rep.findings),
+                lung_rads=rep.lung_rads.category,
+                follow_up=rep.follow_up.code,
+            )
+        except StudyError as exc:
+            rec.update(
+                status="quarantined",
+                reason=exc.reason,
+                detail=deid.scrub_text(exc.detail, study.identity),
+            )
+        rec["issues"] = [
+            {"level": i.level, "reason": i.reason, "series_key": i.series_key, "detail": i.detail}
+            for i in scan.issues
+        ]
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        return rec
 
 
-def _process(study: Study, root: str, out_dir: str, use_text: bool) -> dict[str, Any]:
-    """Analyse one study and write its outputs (runs in a worker); never raises."""
+def _failed_record(study: Study, error: str, worker_died: bool, attempts: int) -> dict[str, Any]:
+    """The quarantine record of a study whose every try raised or killed its worker."""
     from apps.medical.deid import Deidentifier
-    from apps.medical.pacs import ScanResult
-    from apps.medical.report import write_all
-    from apps.medical.service import StudyError
 
-    assert _SERVICE is not None, "worker not initialised"
-    t0 = time.perf_counter()
-    deid = Deidentifier()
-    scan = ScanResult(Path(root), {study.uid: study}, [], 0, 0, deid)
-    rec: dict[str, Any] = {"study_key": study.key}
-    try:
-        rep = _SERVICE.analyze_study(study, scan, use_text=use_text)
-        paths = write_all(rep, Path(out_dir) / "studies" / study.key, deid, study.identity)
-        rec.update(
-            status="done",
-            outputs=sorted(str(p.relative_to(out_dir)) for p in paths.values()),
-            n_findings=len(rep.findings),
-            lung_rads=rep.lung_rads.category,
-            follow_up=rep.follow_up.code,
-        )
-    except StudyError as exc:
-        rec.update(
-            status="quarantined",
-            reason=exc.reason,
-            detail=deid.scrub_text(exc.detail, study.identity),
-        )
-    except Exception as exc:  # last line of defence: one study never stops the batch
-        log.exception("study %s failed", study.key)
-        detail = deid.scrub_text(f"{type(exc).__name__}: {str(exc)[:300]}", study.identity)
-        rec.update(status="quarantined", reason="error", detail=detail)
-    rec["issues"] = [
-        {"level": i.level, "reason": i.reason, "series_key": i.series_key, "detail": i.detail}
-        for i in scan.issues
-    ]
-    rec["seconds"] = round(time.perf_counter() - t0, 3)
-    return rec
+    log.warning("study %s failed after %d tries", study.key, attempts)
+    return {
+        "study_key": study.key,
+        "status": "quarantined",
+        "reason": "worker_died" if worker_died else "error",
+        # exception text may quote tags or paths: scrub the study's identity out of it
+        "detail": Deidentifier().scrub_text(error, study.identity),
+        "attempts": attempts,
+        "issues": [],
+    }
 
 
 def run_batch(
@@ -155,14 +180,22 @@ def run_batch(
     log_mlflow: bool = True,
     service_kw: dict[str, Any] | None = None,
     on_study: Callable[[dict[str, Any]], None] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    max_retries: int = 2,
+    item_timeout: float | None = None,
 ) -> BatchResult:
-    """Process every study of ``pacs_dir`` into ``out_dir`` (see module docstring)."""
+    """Process every study of ``pacs_dir`` into ``out_dir`` (see module docstring).
+
+    ``engine``/``workers``/``ray_address``/``max_retries``/``item_timeout`` go to
+    :func:`pipelines.engine.run_items`. On Ray, ``pacs_dir`` and ``out_dir`` must be paths every
+    node sees (shared storage): the workers read the DICOM files and write the reports there."""
     from tqdm import tqdm
 
     from apps.medical.pacs import scan_folder
+    from pipelines.engine import validate
 
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    validate(engine, workers, max_retries)
     pacs_dir, out_dir = Path(pacs_dir), Path(out_dir)
     if not pacs_dir.is_dir():
         raise FileNotFoundError(f"{pacs_dir} is not a folder")
@@ -207,40 +240,58 @@ def run_batch(
             on_study(rec)
 
     if todo:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        if workers == 1:
-            _init_worker(str(model) if model is not None else None, threads, service_kw)
-            for study, fp in todo:
-                record(_process(study, str(pacs_dir), str(out_dir), use_text), fp)
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+        from functools import partial
 
-            ctx = mp.get_context("spawn")  # torch + fork is unsafe
-            with ProcessPoolExecutor(
-                workers,
-                mp_context=ctx,
-                initializer=_init_worker,
-                initargs=(str(model) if model is not None else None, threads, service_kw),
-            ) as pool:
-                futs = {
-                    pool.submit(_process, study, str(pacs_dir), str(out_dir), use_text): fp
-                    for study, fp in todo
-                }
-                for fut in as_completed(futs):
-                    record(fut.result(), futs[fut])
+        from pipelines.engine import run_items
+
+        threads = max(1, (os.cpu_count() or 1) // workers) if engine == "local" else 1
+        make_worker = partial(
+            StudyWorker,
+            str(model) if model is not None else None,
+            threads,
+            service_kw,
+            str(pacs_dir.resolve()),
+            str(out_dir.resolve()),
+            use_text,
+        )
+        studies = [study for study, _ in todo]
+        fps = {study.key: fp for study, fp in todo}
+        for o in run_items(
+            studies,
+            make_worker,
+            engine=engine,
+            workers=workers,
+            ray_address=ray_address,
+            max_retries=max_retries,
+            item_timeout=item_timeout,
+            env=_worker_env(),
+        ):
+            rec = o.value if o.ok else _failed_record(o.item, o.error, o.worker_died, o.attempts)
+            record(rec, fps[o.item.key])
     bar.close()
     result.seconds = time.perf_counter() - t0
     summary = result.summary()
     summary["scan"] = scan.summary()
     (out_dir / "batch_summary.json").write_text(json.dumps(summary, indent=1))
     if log_mlflow:
-        result.run_id = _log_run(result, scan.summary(), workers, model, out_dir)
+        result.run_id = _log_run(result, scan.summary(), workers, model, out_dir, engine)
     return result
 
 
+def _worker_env() -> dict[str, str]:
+    """Settings a worker needs to load a ``models:/`` URI (a joined Ray cluster does not
+    inherit this process's environment)."""
+    keys = ("VIGIL_HOME", "MLFLOW_TRACKING_URI", "TORCH_HOME", "HF_HUB_OFFLINE")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
 def _log_run(
-    result: BatchResult, scan: dict[str, Any], workers: int, model: Any, out_dir: Path
+    result: BatchResult,
+    scan: dict[str, Any],
+    workers: int,
+    model: Any,
+    out_dir: Path,
+    engine: str = "local",
 ) -> str:
     from core import tracking
 
@@ -248,7 +299,11 @@ def _log_run(
     with tracking.start_run(
         "medical",
         run_name="batch",
-        params={"workers": workers, "model": str(model) if model else "champion"},
+        params={
+            "workers": workers,
+            "engine": engine,
+            "model": str(model) if model else "champion",
+        },
     ) as run:
         tracking.log_metrics(
             {

@@ -14,6 +14,7 @@ from apps.medical.batch import load_manifest, run_batch
 from apps.medical.model import NoduleDetector
 from apps.medical.service import save_detector
 from tests.apps.medical.test_service import tiny_export
+from tests.pipelines.test_engine import ray_cluster  # noqa: F401 (session fixture)
 
 
 def _clone_study(src: Path, dst: Path, tag: str, keep: str) -> None:
@@ -114,8 +115,60 @@ def test_batch_quarantines_broken_and_resumes(
     assert (out / "studies" / done_key / "report.pdf").exists()
 
 
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.integration
+def test_ray_engine_writes_the_same_reports_and_a_rerun_resumes_after_an_interrupt(
+    export_with_broken: Path,
+    tmp_path: Path,
+    ray_cluster: None,  # noqa: F811
+) -> None:
+    torch.manual_seed(0)
+    model = save_detector(NoduleDetector(channels=(4, 8, 8), heads=2), tmp_path / "det.pt")
+    kw: dict = {
+        "model": model,
+        "progress": False,
+        "log_mlflow": False,
+        "service_kw": {"use_encoder": False},
+    }
+    local = run_batch(export_with_broken, tmp_path / "local", **kw)
+    out = tmp_path / "ray"
+    recorded: list[str] = []
+
+    def interrupt_after_three(rec: dict) -> None:
+        recorded.append(rec["study_key"])
+        if len(recorded) == 3:
+            raise _Interrupted  # the driver dies mid-job: the manifest keeps what it recorded
+
+    with pytest.raises(_Interrupted):
+        run_batch(
+            export_with_broken,
+            out,
+            engine="ray",
+            workers=2,
+            on_study=interrupt_after_three,
+            **kw,
+        )
+    assert sorted(load_manifest(out)["studies"]) == sorted(recorded)
+    resumed = run_batch(export_with_broken, out, **kw)  # the engine does not matter for resuming
+    assert (resumed.processed, resumed.skipped) == (1, 3)
+    a, b = load_manifest(tmp_path / "local")["studies"], load_manifest(out)["studies"]
+    assert a.keys() == b.keys() and local.done == 2
+    for key in a:
+        for field in ("status", "reason", "outputs", "issues", "lung_rads", "n_findings"):
+            assert a[key].get(field) == b[key].get(field), (key, field)
+        if a[key]["status"] == "done":
+            ja = json.loads((tmp_path / "local" / "studies" / key / "report.json").read_text())
+            jb = json.loads((out / "studies" / key / "report.json").read_text())
+            assert ja == jb
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="workers"):
         run_batch(tmp_path, tmp_path / "o", workers=0)
+    with pytest.raises(ValueError, match="engine"):
+        run_batch(tmp_path, tmp_path / "o", engine="spark")
     with pytest.raises(FileNotFoundError):
         run_batch(tmp_path / "missing", tmp_path / "o")
