@@ -131,9 +131,11 @@ class Attention3D(nn.Module):
         assert qkv_bias is not None and proj_bias is not None  # built with bias=True
         # (n, 3C) token-major q/k/v, one GEMM; q/k/v are strided views with contiguous last dim
         qkv = torch.addmm(qkv_bias, xc.t(), self.qkv.weight.view(3 * C, C).t())
+        del xc  # scratch is freed as soon as it is used: the bench counts peak memory
         qkv = qkv.view(n // group, group, 3, h, hd)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (G, h, group, hd)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (G, h, group, hd)
+        del qkv, q, k, v
         ot = o.view(n, C) if h == 1 else o.transpose(1, 2).reshape(n, C)
         return torch.addmm(proj_bias.view(C, 1), self.proj.weight.view(C, C), ot.t())
 
@@ -144,11 +146,7 @@ class Attention3D(nn.Module):
         wh, ww = min(w, H), min(w, W)  # a window never exceeds the map
         nh, nw = math.ceil(H / wh), math.ceil(W / ww)
         ph, pw = nh * wh - H, nw * ww - W
-        xp = F.pad(xs, (0, pw, 0, ph)) if ph or pw else xs
         M = d * wh * ww
-        # Partition channel-first, (C, nh, nw, d, wh, ww): one copy of C channels, cheaper than
-        # partitioning the 3C-channel projection.
-        xw = xp.reshape(C, d, nh, wh, nw, ww).permute(0, 2, 4, 1, 3, 5).reshape(C, -1)
         mask = None
         if ph or pw:  # zero padding must not be attended to
             real = torch.zeros(nh * wh, nw * ww, dtype=torch.bool, device=xs.device)
@@ -160,7 +158,8 @@ class Attention3D(nn.Module):
                 .expand(-1, -1, -1, d, -1)
                 .reshape(nh * nw, 1, 1, M)
             )
-        o = self._attend(xw, M, mask)  # (C, nh·nw·M), windows in partition order
+        # The partition is passed as a temporary so _attend can free it once projected.
+        o = self._attend(_partition(xs, wh, ww), M, mask)  # (C, nh·nw·M), partition order
         o = o.view(C, nh, nw, d, wh, ww).permute(0, 3, 1, 4, 2, 5)  # (C, d, nh, wh, nw, ww)
         if ph or pw:
             o = o.reshape(C, d, nh * wh, nw * ww)[:, :, :H, :W]
@@ -197,3 +196,15 @@ class Attention3D(nn.Module):
             + torch.einsum("bdhwnz,bzhwnc->bdhwnc", p_d, v)
         )
         return self._linear(self.proj, o.reshape(B, D, H, W, C))
+
+
+def _partition(xs: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """(C, d, H, W) -> (C, nh·nw·d·wh·ww): zero-padded to whole windows, window-major.
+
+    Channel-first, so the copy moves C channels rather than the 3C of the projection.
+    """
+    C, d, H, W = xs.shape
+    nh, nw = math.ceil(H / wh), math.ceil(W / ww)
+    if nh * wh != H or nw * ww != W:
+        xs = F.pad(xs, (0, nw * ww - W, 0, nh * wh - H))
+    return xs.reshape(C, d, nh, wh, nw, ww).permute(0, 2, 4, 1, 3, 5).reshape(C, -1)
