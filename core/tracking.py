@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,7 +234,13 @@ def log_pickle_model(obj: Any, name: str, **kwargs: Any) -> str:
     import mlflow.pyfunc
 
     kwargs.setdefault("pip_requirements", _requirements())
-    info = mlflow.pyfunc.log_model(name=name, python_model=_pickled_model_class()(obj), **kwargs)
+    with warnings.catch_warnings():
+        # The wrapper takes DataFrames *or* row lists, so its ``Any`` hint is deliberate;
+        # MLflow's type-hint schema inference only understands ``list[...]`` and warns twice.
+        warnings.filterwarnings("ignore", message=".*[Tt]ype hint", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=_pickled_model_class()(obj), **kwargs
+        )
     return str(info.model_uri)
 
 
