@@ -7,11 +7,18 @@ output projection), batch 1, float32, inference (no grad), ``torch.set_num_threa
 * ``sdpa``: the same projections around dense ``scaled_dot_product_attention``;
 * ``longformer``: ``transformers`` ``LongformerAttention`` (self-attention + output dense),
   random init from an offline config, ``attention_window`` = the same 128, with 32 global
-  tokens (``longformer_ms``) and without any (``longformer_local_ms``).
+  tokens (``longformer_ms``, the same budget as ours) and without any (``longformer_local_ms``,
+  cheaper but without the global part).
 
-Time: median wall time of repeated calls after a warm-up. Memory: peak RSS growth during one
-forward call, measured in a fresh subprocess per method (see :func:`peak_rss_mb`), because
-tracemalloc does not see torch's CPU allocations.
+Per L: ``<m>_ms`` (median) and ``<m>_min_ms`` for each method, ``speedup_vs_<m>`` =
+``<m>_ms / vigil_ms`` for each baseline, ``longformer_best_ms`` = the faster Longformer
+configuration at that L (``longformer_best`` names it) and ``speedup_vs_longformer_best``, which
+the "faster than Longformer" target uses, ``<m>_peak_mb``, and the 1-minute load average.
+
+Time: median wall time of repeated calls after a warm-up, the methods interleaved so that
+background load hits all of them alike; the minimum is reported next to it. Memory: peak RSS
+growth during one forward call, measured in a fresh subprocess per method (see
+:func:`peak_rss_mb`), because tracemalloc does not see torch's CPU allocations.
 """
 
 from __future__ import annotations
@@ -194,18 +201,41 @@ def interleaved_ms(
 ) -> dict[str, dict[str, float]]:
     """Median and min wall ms per function, calls interleaved round-robin after one warm-up.
 
-    Interleaving spreads any background load over all contenders alike, so ratios stay fair.
+    Interleaving spreads background load over all contenders alike, so ratios stay fair; the
+    order rotates every round so no function always runs right after the same other one.
     """
     for fn in fns.values():
         fn()
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(max(reps.values())):
-        for name, fn in fns.items():
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             if r < reps[name]:
                 t0 = time.perf_counter()
-                fn()
+                fns[name]()
                 times[name].append((time.perf_counter() - t0) * 1000.0)
     return {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
+
+
+BASELINES = ("sdpa", "longformer", "longformer_local")
+LONGFORMER_CONFIGS = {
+    "longformer": f"window {WINDOW} + {TOP_K} global tokens",
+    "longformer_local": f"window {WINDOW}, no global tokens",
+}
+
+
+def add_ratios(row: dict[str, Any]) -> None:
+    """Add ``speedup_vs_<m> = <m>_ms / vigil_ms`` for every baseline, all from the medians.
+
+    Longformer runs in two configurations (:data:`LONGFORMER_CONFIGS`); the faster one per L is
+    ``longformer_best_ms`` (named in ``longformer_best``), and ``speedup_vs_longformer_best``
+    is the ratio the "faster than Longformer" target uses: the stricter comparison.
+    """
+    best = min(LONGFORMER_CONFIGS, key=lambda m: row[f"{m}_ms"])
+    row["longformer_best"] = best
+    row["longformer_best_ms"] = row[f"{best}_ms"]
+    for m in (*BASELINES, "longformer_best"):
+        row[f"speedup_vs_{m}"] = round(row[f"{m}_ms"] / row["vigil_ms"], 2)
 
 
 def _reps(L: int, slow: bool, quick: bool) -> int:
@@ -231,7 +261,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     lengths = QUICK_LENGTHS if quick else FULL_LENGTHS
     methods = {m: _make(m) for m in ("vigil", "sdpa", "longformer", "longformer_local")}
-    per_len: dict[str, dict[str, float]] = {}
+    per_len: dict[str, dict[str, Any]] = {}
     try:
         with torch.no_grad():
             for L in lengths:
@@ -240,12 +270,10 @@ def run(quick: bool = False) -> dict[str, Any]:
                 fns = {name: partial(fn, x) for name, fn in methods.items()}
                 reps = {name: _reps(L, name != "vigil", quick) for name in methods}
                 ms = interleaved_ms(fns, reps)
-                row: dict[str, float] = {f"{k}_ms": round(v["median"], 2) for k, v in ms.items()}
+                row: dict[str, Any] = {f"{k}_ms": round(v["median"], 2) for k, v in ms.items()}
                 row.update({f"{k}_min_ms": round(v["min"], 2) for k, v in ms.items()})
-                row["speedup_vs_sdpa"] = round(row["sdpa_ms"] / row["vigil_ms"], 2)
-                row["speedup_vs_longformer"] = round(
-                    min(row["longformer_ms"], row["longformer_local_ms"]) / row["vigil_ms"], 2
-                )
+                row["load_avg_1min"] = round(os.getloadavg()[0], 2)
+                add_ratios(row)
                 per_len[str(L)] = row
     finally:
         torch.set_num_threads(prev_threads)
@@ -272,9 +300,12 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "value": v,
                 "met": v >= goal,
             }
-    worst = min(r["speedup_vs_longformer"] for r in per_len.values())
+    worst = min(r["speedup_vs_longformer_best"] for r in per_len.values())
     targets["faster_than_longformer"] = {
-        "goal": "faster than Longformer (best of local / +32 global) at every L",
+        "goal": (
+            f"faster than Longformer at every L (min speedup vs its faster config: window "
+            f"{WINDOW} alone or + {TOP_K} global)"
+        ),
         "value": worst,
         "met": worst > 1.0,
     }
@@ -296,6 +327,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "heads": HEADS,
             "window": WINDOW,
             "top_k": TOP_K,
+            "longformer_configs": LONGFORMER_CONFIGS,
             "batch": 1,
             "dtype": "float32",
             "threads": THREADS,
