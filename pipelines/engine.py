@@ -55,6 +55,16 @@ class Outcome(Generic[T]):
     worker_died: bool = False
 
 
+# What a worker needs to find Vigil's stores and offline weights; a joined Ray cluster does not
+# inherit this process's environment, so callers pass these through ``env``.
+SETTINGS_ENV = ("VIGIL_HOME", "MLFLOW_TRACKING_URI", "TORCH_HOME", "HF_HUB_OFFLINE")
+
+
+def settings_env() -> dict[str, str]:
+    """The :data:`SETTINGS_ENV` variables set in this process."""
+    return {k: os.environ[k] for k in SETTINGS_ENV if k in os.environ}
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 

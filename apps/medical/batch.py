@@ -242,7 +242,7 @@ def run_batch(
     if todo:
         from functools import partial
 
-        from pipelines.engine import run_items
+        from pipelines.engine import run_items, settings_env
 
         threads = max(1, (os.cpu_count() or 1) // workers) if engine == "local" else 1
         make_worker = partial(
@@ -264,7 +264,7 @@ def run_batch(
             ray_address=ray_address,
             max_retries=max_retries,
             item_timeout=item_timeout,
-            env=_worker_env(),
+            env=settings_env(),
         ):
             rec = o.value if o.ok else _failed_record(o.item, o.error, o.worker_died, o.attempts)
             record(rec, fps[o.item.key])
@@ -276,13 +276,6 @@ def run_batch(
     if log_mlflow:
         result.run_id = _log_run(result, scan.summary(), workers, model, out_dir, engine)
     return result
-
-
-def _worker_env() -> dict[str, str]:
-    """Settings a worker needs to load a ``models:/`` URI (a joined Ray cluster does not
-    inherit this process's environment)."""
-    keys = ("VIGIL_HOME", "MLFLOW_TRACKING_URI", "TORCH_HOME", "HF_HUB_OFFLINE")
-    return {k: os.environ[k] for k in keys if k in os.environ}
 
 
 def _log_run(
