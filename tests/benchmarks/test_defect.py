@@ -22,6 +22,7 @@ def test_quick_defect_bench_reports_every_variant() -> None:
         for key in ("fp32_ms", "int8_ms", "int8_size_mb", "image_auroc"):
             assert isinstance(v[key], float) and v[key] > 0, key
         assert v["int8_size_mb"] < v["fp32_size_mb"]  # INT8 really shrinks the file
+        assert v["int8_kernels"] is True  # timed on ONNX Runtime's INT8 kernels
     # Full FPN has dense 3×3 convs: the biggest file of the three.
     assert res["variants"]["fpn"]["fp32_size_mb"] > res["variants"]["fpn_lite"]["fp32_size_mb"]
     targets = res["targets"]
@@ -31,8 +32,12 @@ def test_quick_defect_bench_reports_every_variant() -> None:
         "int8_size_mb",
         "int8_auroc_drop_pt",
         "int8_ms",
+        "int8_faster_than_fp32",
     }
     lite = res["variants"]["fpn_lite"]
     assert targets["int8_ms"]["value"] == round(lite["int8_ms"], 2)
     assert targets["int8_ms"]["met"] == (lite["int8_ms"] <= 33.0)
     assert targets["image_auroc_4_shots"]["met"] == (lite["image_auroc"] >= 0.95)
+    speedup = lite["fp32_ms"] / lite["int8_ms"]
+    assert targets["int8_faster_than_fp32"]["value"] == round(speedup, 3)
+    assert targets["int8_faster_than_fp32"]["met"] == (speedup > 1.0)
