@@ -10,7 +10,8 @@ output projection), batch 1, float32, inference (no grad), ``torch.set_num_threa
   tokens (``longformer_ms``, the same budget as ours) and without any (``longformer_local_ms``,
   cheaper but without the global part).
 
-Per L: ``<m>_ms`` (median) and ``<m>_min_ms`` for each method, ``speedup_vs_<m>`` =
+Per L: ``<m>_ms`` (median), ``<m>_min_ms`` and ``<m>_cpu_ms`` (median CPU time of the
+process per call, all threads; see :func:`interleaved_ms`) for each method, ``speedup_vs_<m>`` =
 ``<m>_ms / vigil_ms`` for each baseline, ``longformer_best_ms`` = the faster Longformer
 configuration at that L (``longformer_best`` names it) and ``speedup_vs_longformer_best``, which
 the "faster than Longformer" target uses, ``<m>_peak_mb``, and the 1-minute load average.
@@ -199,22 +200,35 @@ def _memory_main(method: str, sizes: list[int]) -> dict[str, float]:
 def interleaved_ms(
     fns: dict[str, Callable[[], Any]], reps: dict[str, int]
 ) -> dict[str, dict[str, float]]:
-    """Median and min wall ms per function, calls interleaved round-robin after one warm-up.
+    """Median and min wall ms, and median CPU ms, per function; calls interleaved round-robin
+    after one warm-up.
 
     Interleaving spreads background load over all contenders alike, so ratios stay fair; the
-    order rotates every round so no function always runs right after the same other one.
+    order rotates every round so no function always runs right after the same other one. CPU
+    ms is this process's CPU time per call summed over its threads: unlike wall time it does
+    not grow while the process waits for a core, so on a loaded machine it shows what the
+    work itself costs (it does include threads spinning at a barrier).
     """
     for fn in fns.values():
         fn()
     names = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(max(reps.values())):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             if r < reps[name]:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fns[name]()
-                times[name].append((time.perf_counter() - t0) * 1000.0)
-    return {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
+                wall[name].append((time.perf_counter() - t0) * 1000.0)
+                cpu[name].append((time.process_time() - c0) * 1000.0)
+    return {
+        k: {
+            "median": statistics.median(wall[k]),
+            "min": min(wall[k]),
+            "cpu_median": statistics.median(cpu[k]),
+        }
+        for k in fns
+    }
 
 
 BASELINES = ("sdpa", "longformer", "longformer_local")
@@ -272,6 +286,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 ms = interleaved_ms(fns, reps)
                 row: dict[str, Any] = {f"{k}_ms": round(v["median"], 2) for k, v in ms.items()}
                 row.update({f"{k}_min_ms": round(v["min"], 2) for k, v in ms.items()})
+                row.update({f"{k}_cpu_ms": round(v["cpu_median"], 2) for k, v in ms.items()})
                 row["load_avg_1min"] = round(os.getloadavg()[0], 2)
                 add_ratios(row)
                 per_len[str(L)] = row
@@ -331,7 +346,10 @@ def run(quick: bool = False) -> dict[str, Any]:
             "batch": 1,
             "dtype": "float32",
             "threads": THREADS,
-            "timing": "median (and min) wall ms, inference, one warm-up, methods interleaved",
+            "timing": (
+                "median (and min) wall ms, inference, one warm-up, methods interleaved in "
+                "rotating order; <m>_cpu_ms: median process CPU ms per call, all threads"
+            ),
             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "memory": MEMORY_METHOD_QUICK if quick else MEMORY_METHOD,
         },

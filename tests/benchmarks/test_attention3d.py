@@ -20,13 +20,18 @@ def test_quick_run_reports_every_method() -> None:
         assert row["vigil_mode"] in ("full", "window", "axial")
         for m in ("vigil", "vigil_window", "vigil_axial", "naive", "monai"):
             assert row[f"{m}_ms"] > 0
+            assert 0 < row[f"{m}_min_ms"] <= row[f"{m}_ms"]
+            assert row[f"{m}_cpu_ms"] > 0
         for m in ("vigil", "naive", "monai"):
             assert row[f"{m}_peak_mb"] is not None
     assert result["targets"] == {}  # goals are at 24³ and 32³, not in a quick run
 
 
-def test_naive_skip_rule() -> None:
+def test_skip_rules() -> None:
     assert bench.naive_fits(24) and not bench.naive_fits(32)
+    assert bench.runs("naive", 24) and not bench.runs("naive", 32)
+    assert bench.runs("monai", 32) and not bench.runs("monai", 48)
+    assert all(bench.runs(m, 48) for m in ("vigil", "vigil_window", "vigil_axial"))
 
 
 def test_naive_block_matches_attention3d_full_mode() -> None:
