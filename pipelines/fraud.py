@@ -12,6 +12,8 @@ import typer
 from pipelines.errors import UserError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from pipelines.demo import DemoContext
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,78 @@ app = typer.Typer(help="Card-fraud scoring: simulate, replay, serve.", no_args_i
 def _col(value: str | None) -> str | None:
     """An empty column name switches the column off."""
     return value or None
+
+
+# --- shared by `vigil fraud replay/train-history` and `vigil fraud serve/produce`
+# (pipelines/fraud_service.py): option types and their checks, so the commands agree.
+LabelDelay = Annotated[str, typer.Option(help="Label delay in event time, e.g. 7d.")]
+ModelKind = Annotated[str, typer.Option(help="Online model: logreg, ensemble or arf.")]
+HistoryModel = Annotated[
+    str,
+    typer.Option(
+        help="Card-history feature (hist_logit): 'off', 'train' (train it on this file before "
+        "the evaluation weeks), a save_pretrained folder or an MLflow URI such as "
+        "models:/vigil-fraud-history@champion."
+    ),
+]
+
+
+def span_seconds(value: str, option: str) -> float:
+    """A time span option (``7d``, ``36h``, seconds) in seconds; UserError if invalid."""
+    from core.streaming import parse_span
+
+    try:
+        s = float(parse_span(value, option))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{option}: {exc}") from None
+    if s < 0:
+        raise UserError(f"{option} must be >= 0, got {value!r}")
+    return s
+
+
+def check_model(model: str, option: str = "--model") -> str:
+    """The online model kind, or UserError naming the choices."""
+    from apps.finance.model import MODELS
+
+    if model not in MODELS:
+        raise UserError(f"{option}: model must be one of {MODELS}, got {model!r}")
+    return model
+
+
+def read_transactions(path: Path, option: str = "--input") -> pd.DataFrame:
+    """A transaction table (.csv, .csv.gz, .parquet); UserError if missing or unreadable."""
+    from apps.finance import simulator
+
+    if not path.exists():
+        raise UserError(f"{option} {path} does not exist")
+    try:
+        return simulator.read(path)
+    except ValueError as exc:
+        raise UserError(f"{option}: {exc}") from None
+    except Exception as exc:  # unreadable/corrupt file: say which, no traceback
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def history_source(value: str) -> str | None:
+    """``--history-model`` as None (off), ``"train"`` or a folder/URI; UserError if neither."""
+    v = value.strip()
+    if v.lower() in ("", "off", "none"):
+        return None
+    if v.lower() == "train":
+        return "train"
+    if ":/" in v or Path(v).is_dir():
+        return v
+    raise UserError(f"--history-model {value!r}: use off, train, a model folder or an MLflow URI")
+
+
+def load_history(source: str) -> Any:
+    """The card-history model at a folder/URI, or UserError with the reason."""
+    from apps.finance.history import load_history_model
+
+    try:
+        return load_history_model(source)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"--history-model: {exc}") from None
 
 
 @app.command("simulate")
@@ -119,8 +193,8 @@ def replay(
             "for foreign files, off for the simulator's)."
         ),
     ] = None,
-    label_delay: Annotated[str, typer.Option(help="Label delay in event time, e.g. 7d.")] = "7d",
-    model: Annotated[str, typer.Option(help="logreg, ensemble or arf.")] = "logreg",
+    label_delay: LabelDelay = "7d",
+    model: ModelKind = "logreg",
     neg_rate: Annotated[float, typer.Option(help="Share of genuine examples learned.")] = 0.2,
     alerts_per_day: Annotated[float | None, typer.Option(help="Alert budget per day.")] = 100.0,
     alert_rate: Annotated[
@@ -141,23 +215,38 @@ def replay(
     mlflow: Annotated[bool, typer.Option(help="Log the run and register the model.")] = True,
     run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    history_model: HistoryModel = "off",
+    ablation: Annotated[
+        bool,
+        typer.Option(
+            help="Replay twice, without and with the card-history feature (--history-model "
+            "train or a model), and report both and their difference under 'ablation'."
+        ),
+    ] = False,
+    history_cutoff: Annotated[
+        str | None,
+        typer.Option(help="With --history-model train: train on what was known at this date."),
+    ] = None,
+    history_epochs: Annotated[int, typer.Option(help="With --history-model train.")] = 4,
 ) -> None:
     """Stream a file through the scorer with delayed labels; report AUC, AP, CP@100, F1, events/s."""
     from apps.finance import evaluation, simulator
     from apps.finance.features import FeatureConfig
     from apps.finance.service import ScorerConfig
 
-    if not input.exists():
-        raise UserError(f"--input {input} does not exist")
     if scores_out is not None and not scores_out.name.lower().endswith((".parquet", ".csv")):
         raise UserError(f"--scores must end in .parquet or .csv, got {scores_out.name!r}")
-    try:
-        df = simulator.read(input)
-        history = simulator.read(warm_start) if warm_start is not None else None
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    except Exception as exc:  # unreadable/corrupt file: say which, no traceback
-        raise UserError(f"cannot read {input}: {exc}") from None
+    source = history_source(history_model)
+    if ablation and source is None:
+        raise UserError("--ablation needs --history-model train (or a model folder/URI)")
+    cutoff = _date_ts(history_cutoff, "--history-cutoff") if history_cutoff else None
+    df = read_transactions(input)
+    history = read_transactions(warm_start, "--warm-start") if warm_start is not None else None
+    if source is not None:
+        import torch
+
+        torch.set_num_threads(1)  # the per-event path: one thread, no oversubscription
+    hist = load_history(source) if source not in (None, "train") else None
     columns = evaluation.Columns(
         time=time_col,
         label=label_col,
@@ -168,12 +257,9 @@ def replay(
         device=_col(device_col),
         login=_col(login_col),
     )
+    ttl_s = max(30 * 86400.0, 2 * span_seconds(label_delay, "--label-delay"))  # outlive labels
+    check_model(model)
     try:
-        from core.streaming import parse_span
-
-        ttl_s = max(
-            30 * 86400.0, 2 * parse_span(label_delay, "--label-delay")
-        )  # features outlive their label
         config = ScorerConfig(
             features=FeatureConfig(label_delay=label_delay),
             pending_ttl=f"{ttl_s:.0f}s",
@@ -183,19 +269,44 @@ def replay(
             alert_rate=alert_rate,
             base_threshold=base_threshold,
         )
-        data, result, ev = evaluation.run_replay(
-            df,
-            columns,
-            config,
-            start=eval_start,
-            weeks=eval_weeks,
-            passthrough=passthrough,
-            warm_start=history,
-            progress=progress,
-        )
+        ablated: dict[str, Any] | None = None
+        if ablation:
+            if history is not None:
+                raise UserError("--ablation does not take --warm-start")
+            ablated, (data, result, ev) = evaluation.run_ablation(
+                df,
+                columns,
+                config,
+                start=eval_start,
+                weeks=eval_weeks,
+                passthrough=passthrough,
+                history=hist,
+                history_cutoff=cutoff,
+                train={"epochs": history_epochs},
+                progress=progress,
+            )
+        else:
+            data = evaluation.prepare(df, columns, passthrough)
+            if source == "train":
+                hist = _train_for_replay(
+                    data, config, eval_start, eval_weeks, cutoff, history_epochs
+                )
+            data, result, ev = evaluation.run_replay(
+                data,
+                config=config,
+                start=eval_start,
+                weeks=eval_weeks,
+                passthrough=passthrough,
+                warm_start=history,
+                progress=progress,
+                history=hist,
+            )
     except ValueError as exc:
         raise UserError(str(exc)) from None
     rep = evaluation.report(data, result, ev, source=str(input))
+    rep["history_model"] = history_model if source is not None else "off"
+    if ablated is not None:
+        rep["ablation"] = ablated
     if mlflow:
         rep["mlflow"] = evaluation.log_to_mlflow(rep, result.scorer, run_name=run_name)
     if json_out is not None:
@@ -204,6 +315,130 @@ def replay(
     if scores_out is not None:
         simulator.write(evaluation.scores_frame(data, result), scores_out)
     _print_report(rep, json_out)
+
+
+def _date_ts(value: str, option: str) -> float:
+    import datetime as dt
+
+    try:
+        d = dt.date.fromisoformat(value)
+    except ValueError:
+        raise UserError(f"{option} must be a date YYYY-MM-DD, got {value!r}") from None
+    return dt.datetime(d.year, d.month, d.day, tzinfo=dt.UTC).timestamp()
+
+
+def _train_for_replay(
+    data: Any,
+    config: Any,
+    start: str | None,
+    weeks: int | None,
+    cutoff: float | None,
+    epochs: int,
+) -> Any:
+    """``--history-model train``: a card-history model from this file, before its evaluation."""
+    from apps.finance import evaluation
+    from apps.finance.history import default_cutoff, train_history
+    from core.streaming import parse_span
+
+    _, periods = evaluation.evaluation_periods(
+        data.ts, start, weeks, *evaluation._spans(config.features)
+    )
+    cut = cutoff or default_cutoff(data.ts, periods[0][0])
+    if cut > periods[0][0]:
+        raise UserError("--history-cutoff must not be after the evaluation start")
+    delay = parse_span(config.features.label_delay)
+    return train_history(data, cut, delay, epochs=epochs).model
+
+
+@app.command("train-history")
+def train_history_cmd(
+    input: Annotated[Path, typer.Option("--input", help="Replay history: .csv(.gz) or .parquet.")],
+    cutoff: Annotated[
+        str,
+        typer.Option(
+            help="Training date YYYY-MM-DD: only transactions before it, and only labels "
+            "of transactions at least --label-delay older than it, are used."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Also keep the save_pretrained folder here.")
+    ] = None,
+    label_delay: LabelDelay = "7d",
+    time_col: Annotated[str, typer.Option(help="Event time (epoch seconds or dates).")] = "ts",
+    label_col: Annotated[str, typer.Option(help="Fraud label (0/1).")] = "is_fraud",
+    key_col: Annotated[str, typer.Option(help="Card/account id.")] = "card_id",
+    amount_col: Annotated[str, typer.Option(help="Amount.")] = "amount",
+    terminal_col: Annotated[str, typer.Option(help="Terminal id ('' for none).")] = "terminal_id",
+    device_col: Annotated[
+        str, typer.Option(help="Device fingerprint ('' for none).")
+    ] = "device_id",
+    login_col: Annotated[str, typer.Option(help="Login cell ('' for none).")] = "login_cell",
+    length: Annotated[int, typer.Option(help="Transactions of history per card.")] = 16,
+    dim: Annotated[int, typer.Option(help="Encoder width.")] = 32,
+    layers: Annotated[int, typer.Option(help="Encoder layers.")] = 1,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 4,
+    max_examples: Annotated[int, typer.Option(help="Frauds + sampled genuine examples.")] = 60_000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    mlflow: Annotated[bool, typer.Option(help="Log and register in MLflow.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train the card-history model (sparse-attention encoder over each card's last
+    transactions) offline; log it to MLflow and register it as vigil-fraud-history@champion."""
+    import tempfile
+
+    import torch
+
+    from apps.finance import evaluation
+    from apps.finance.history import HistoryConfig, log_history_model, train_history
+
+    cut = _date_ts(cutoff, "--cutoff")
+    delay = span_seconds(label_delay, "--label-delay")
+    if not key_col:
+        raise UserError("--key-col is required: the model reads each card's history")
+    df = read_transactions(input)
+    columns = evaluation.Columns(
+        time=time_col,
+        label=label_col,
+        amount=amount_col,
+        key=key_col,
+        terminal=_col(terminal_col),
+        device=_col(device_col),
+        login=_col(login_col),
+    )
+    torch.set_num_threads(1)
+    try:
+        cfg = HistoryConfig(length=length, dim=dim, layers=layers)
+        data = evaluation.prepare(df, columns, passthrough=False)
+        if data.card is None:
+            raise ValueError(f"key column {key_col!r} not in the file")
+        trained = train_history(
+            data,
+            cut,
+            delay,
+            cfg,
+            epochs=epochs,
+            max_examples=max_examples,
+            seed=seed,
+            progress=progress,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    r = trained.report
+    typer.echo(
+        f"trained on {r['examples']:,} labelled transactions ({r['frauds']:,} frauds) before "
+        f"{cutoff}: validation AUC {r.get('val_auc', float('nan')):.3f}, "
+        f"AP {r.get('val_ap', float('nan')):.3f} ({r['wall_s']:.0f} s)"
+    )
+    if out is not None:
+        trained.model.save_pretrained(out)
+        typer.echo(f"saved to {out}")
+    if mlflow:
+        with tempfile.TemporaryDirectory() as tmp:
+            logged = log_history_model(trained, tmp)
+        typer.echo(
+            f"MLflow run {logged['run_id']}; registered {logged['model_name']} "
+            f"v{logged['model_version']} -> serve with --history-model {logged['uri']}"
+        )
 
 
 def _print_report(rep: dict[str, Any], json_out: Path | None) -> None:
@@ -226,6 +461,8 @@ def _print_report(rep: dict[str, Any], json_out: Path | None) -> None:
         )
     console = Console()
     console.print(table)
+    if "ablation" in rep:
+        _print_ablation(console, rep["ablation"])
     if "mlflow" in rep:
         m = rep["mlflow"]
         console.print(
@@ -234,6 +471,35 @@ def _print_report(rep: dict[str, Any], json_out: Path | None) -> None:
         )
     if json_out is not None:
         console.print(f"report written to {json_out}")
+
+
+def _print_ablation(console: Any, ab: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="card-history ablation (same replay, same data)")
+    for col in ("metric", "without", "with", "delta"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    a, b = ab["without_history"], ab["with_history"]
+    for key in ("auc", "ap", "cp_at_100", "f1"):
+        if key in a and key in b:
+            table.add_row(key, f"{a[key]:.4f}", f"{b[key]:.4f}", f"{b[key] - a[key]:+.4f}")
+    ato_a, ato_b = a["scenarios"].get("account takeover"), b["scenarios"].get("account takeover")
+    if ato_a and ato_b:
+        for key in ("auc", "ap"):
+            table.add_row(
+                f"account takeover {key}",
+                f"{ato_a[key]:.4f}",
+                f"{ato_b[key]:.4f}",
+                f"{ato_b[key] - ato_a[key]:+.4f}",
+            )
+    for kind, label in (("latency", "wall"), ("latency_cpu", "CPU")):
+        pa = a.get(kind, {}).get("p99_ms", float("nan"))
+        pb = b.get(kind, {}).get("p99_ms", float("nan"))
+        table.add_row(f"per-event p99 {label} (ms)", f"{pa:.3f}", f"{pb:.3f}", f"{pb - pa:+.3f}")
+    console.print(table)
+    console.print(
+        "gain: " + ("yes" if ab["gain"] else "no") + " (AP up without losing AUC or CP@100)"
+    )
 
 
 def demo_step(ctx: DemoContext) -> dict[str, Any]:

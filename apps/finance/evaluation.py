@@ -15,7 +15,7 @@ import datetime as dt
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,8 @@ from core.streaming import parse_span
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from apps.finance.history import CardHistoryModel
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +217,8 @@ class ReplayResult:
     cpu_s: float
     wall_s: float
     scorer: FraudScorer
+    latencies: np.ndarray | None = None  # (N,) wall seconds per scored event, when measured
+    cpu_latencies: np.ndarray | None = None  # (N,) CPU seconds of this thread per scored event
 
     @property
     def events_per_s(self) -> float:
@@ -231,11 +235,15 @@ def replay(
     config: ScorerConfig | None = None,
     scorer: FraudScorer | None = None,
     progress: bool = False,
+    latency: bool = False,
 ) -> ReplayResult:
     """Stream ``data`` through a scorer in event-time order; labels arrive ``label_delay`` late.
 
     Before each transaction is scored, every label whose time has come (transaction time +
-    delay <= now) is learned. Events the scorer rejects are counted, never fatal.
+    delay <= now) is learned. Events the scorer rejects are counted, never fatal. With
+    ``latency`` the wall and CPU time of every ``score`` call are kept
+    (``ReplayResult.latencies`` / ``cpu_latencies``; CPU time excludes waiting for a core on a
+    shared machine).
     """
     if scorer is None:
         config = config or ScorerConfig()
@@ -263,6 +271,9 @@ def replay(
 
         bar = tqdm(total=n, unit="ev", mininterval=1.0, desc="replay")
     learn, score_one = scorer.learn, scorer.score
+    lat = np.full(n, np.nan) if latency else None
+    lat_cpu = np.full(n, np.nan) if latency else None
+    clock, cpu_clock = time.perf_counter, time.thread_time
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i, ev in enumerate(data.iter_events()):
         t = ts[i]
@@ -272,7 +283,13 @@ def replay(
         if tx_field not in ev:
             ev[tx_field] = ids[i]
         try:
-            r = score_one(ev)
+            if lat is None:
+                r = score_one(ev)
+            else:
+                c0, p0 = clock(), cpu_clock()
+                r = score_one(ev)
+                lat[i] = clock() - c0
+                lat_cpu[i] = cpu_clock() - p0  # type: ignore[index]
         except ValueError as exc:
             n_rejected += 1
             if len(rejected) < 50:
@@ -289,7 +306,7 @@ def replay(
     if bar is not None:
         bar.n = n
         bar.close()
-    return ReplayResult(score, alert, thr, scored, rejected, n_rejected, cpu_s, wall_s, scorer)
+    return ReplayResult(score, alert, thr, scored, rejected, n_rejected, cpu_s, wall_s, scorer, lat)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -444,7 +461,7 @@ def evaluate(
 
 
 def run_replay(
-    df: pd.DataFrame,
+    df: pd.DataFrame | Prepared,
     columns: Columns | None = None,
     config: ScorerConfig | None = None,
     start: str | None = None,
@@ -452,9 +469,16 @@ def run_replay(
     passthrough: bool | None = None,
     warm_start: pd.DataFrame | None = None,
     progress: bool = False,
+    history: CardHistoryModel | None = None,
+    latency: bool = False,
 ) -> tuple[Prepared, ReplayResult, Evaluation]:
-    """prepare → (optional warm start on a labelled history) → replay → evaluate."""
-    data = prepare(df, columns, passthrough)
+    """prepare → (optional warm start on a labelled history) → replay → evaluate.
+
+    ``df`` may already be :func:`prepare`-d. ``history``: a card-history model whose score the
+    online model gets as the feature ``hist_logit`` (or set ``config.history_model``).
+    ``latency``: keep every event's scoring time (see :func:`replay`).
+    """
+    data = df if isinstance(df, Prepared) else prepare(df, columns, passthrough)
     config = config or ScorerConfig()
     evaluation_periods(data.ts, start, weeks, *_spans(config.features))  # fail before the work
     config = config.with_changes(
@@ -462,17 +486,127 @@ def run_replay(
             **{**asdict(data.features), "label_delay": config.features.label_delay}
         )
     )
-    scorer = FraudScorer(config)
-    if warm_start is not None:
-        history = prepare(warm_start, data.columns, passthrough)
-        label = config.features.label_field
-        rows = (
-            {**e, label: int(yy)} for e, yy in zip(history.iter_events(), history.y, strict=True)
+    card_history = None
+    if history is not None:
+        from apps.finance.history import CardHistory, HistoryFields
+
+        card_history = CardHistory(
+            history,
+            HistoryFields.from_features(config.features),
+            refresh_batch=config.history_refresh,
+            record_latency=latency,
         )
+    scorer = FraudScorer(config, history=card_history)
+    if warm_start is not None:
+        past = prepare(warm_start, data.columns, passthrough)
+        label = config.features.label_field
+        rows = ({**e, label: int(yy)} for e, yy in zip(past.iter_events(), past.y, strict=True))
         n = scorer.warm_start({**r, config.tx_id_field: f"warm-{i}"} for i, r in enumerate(rows))
         log.info("warm start: learned %d labelled transactions", n)
-    result = replay(data, scorer=scorer, progress=progress)
+        if scorer.history is not None and scorer.history.latencies is not None:
+            scorer.history.latencies.clear()  # measure the replay only
+            scorer.history.cpu_latencies.clear()  # type: ignore[union-attr]
+    result = replay(data, scorer=scorer, progress=progress, latency=latency)
     return data, result, evaluate(data, result, start, weeks)
+
+
+ABLATION_METRICS = ("auc", "ap", "cp_at_100", "precision", "recall", "f1")
+
+
+def _latency_ms(lat: np.ndarray | None) -> dict[str, float]:
+    if lat is None:
+        return {}
+    v = lat[np.isfinite(lat)] * 1e3
+    if v.size == 0:
+        return {}
+    return {
+        "p50_ms": float(np.percentile(v, 50)),
+        "p99_ms": float(np.percentile(v, 99)),
+        "p999_ms": float(np.percentile(v, 99.9)),
+        "max_ms": float(v.max()),
+        "mean_ms": float(v.mean()),
+    }
+
+
+def _ablation_arm(data: Prepared, result: ReplayResult, ev: Evaluation) -> dict[str, Any]:
+    arm: dict[str, Any] = {k: ev.headline[k] for k in ABLATION_METRICS if k in ev.headline}
+    arm["scenarios"] = {
+        name: {k: m[k] for k in ("auc", "ap", "recall_at_threshold") if k in m}
+        for name, m in ev.scenarios.items()
+    }
+    arm["events_per_s"] = result.events_per_s
+    arm["latency"] = _latency_ms(result.latencies)
+    arm["latency_cpu"] = _latency_ms(result.cpu_latencies)
+    return arm
+
+
+def run_ablation(
+    df: pd.DataFrame | Prepared,
+    columns: Columns | None = None,
+    config: ScorerConfig | None = None,
+    start: str | None = None,
+    weeks: int | None = None,
+    passthrough: bool | None = None,
+    history: CardHistoryModel | None = None,
+    history_cutoff: float | None = None,
+    train: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], tuple[Prepared, ReplayResult, Evaluation]]:
+    """The same replay without and with the card-history feature, on the same data.
+
+    Without a ``history`` model one is trained first from this file, on what was known at
+    ``history_cutoff`` (default: :func:`apps.finance.history.default_cutoff`, before the
+    evaluation weeks). Returns the ablation summary (metrics of both arms, overall and per
+    scenario, their differences, per-event latency of both arms and of the history step) and
+    the with-history replay.
+    """
+    from apps.finance.history import ablation_delta, default_cutoff, train_history
+
+    data = df if isinstance(df, Prepared) else prepare(df, columns, passthrough)
+    config = config or ScorerConfig()
+    if config.history_model is not None:
+        config = config.with_changes(history_model=None)  # the arms choose the model
+    _, periods = evaluation_periods(data.ts, start, weeks, *_spans(config.features))
+    delay = parse_span(config.features.label_delay)
+    training: dict[str, Any] = {"source": "given"}
+    if history is None:
+        cutoff = history_cutoff or default_cutoff(data.ts, periods[0][0])
+        if cutoff > periods[0][0]:
+            raise ValueError("the history-training cutoff must not be after the evaluation start")
+        trained = train_history(data, cutoff, delay, progress=progress, **dict(train or {}))
+        history, training = trained.model, {"source": "trained on this file", **trained.report}
+    without = run_replay(data, config=config, start=start, weeks=weeks, latency=True)
+    with_ = run_replay(data, config=config, start=start, weeks=weeks, history=history, latency=True)
+    arm_without, arm_with = _ablation_arm(*without), _ablation_arm(*with_)
+    delta: dict[str, Any] = ablation_delta(arm_with, arm_without, ABLATION_METRICS)
+    delta["scenarios"] = {
+        name: ablation_delta(arm_with["scenarios"][name], m, ("auc", "ap", "recall_at_threshold"))
+        for name, m in arm_without["scenarios"].items()
+        if name in arm_with["scenarios"]
+    }
+    p99 = {
+        kind: arm_with[kind].get("p99_ms", float("nan"))
+        - arm_without[kind].get("p99_ms", float("nan"))
+        for kind in ("latency", "latency_cpu")
+    }
+    hist = with_[1].scorer.history
+    summary = {
+        "without_history": arm_without,
+        "with_history": arm_with,
+        "delta": delta,
+        # a gain: better ranking of frauds overall (AP) without losing AUC or CP@100
+        "gain": bool(
+            delta.get("ap", 0.0) > 0
+            and delta.get("auc", 0.0) > -0.002
+            and delta.get("cp_at_100", 0.0) >= -0.002
+        ),
+        # per-event p99 with minus without: wall time, and CPU time (load-independent)
+        "added_p99_ms": p99["latency"],
+        "added_p99_cpu_ms": p99["latency_cpu"],
+        "history_step_latency": hist.latency_summary() if hist is not None else {},
+        "history_training": training,
+    }
+    return summary, with_
 
 
 def report(

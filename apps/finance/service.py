@@ -16,7 +16,7 @@ import io
 import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from apps.finance.features import FeatureConfig, FraudFeatures
 from apps.finance.model import MODELS, FraudModel
@@ -24,6 +24,10 @@ from apps.finance.pending import PendingStore
 from apps.finance.threshold import DynamicThreshold
 from core.streaming import parse_span
 
+if TYPE_CHECKING:
+    from apps.finance.history import CardHistory
+
+HISTORY_FEATURE = "hist_logit"  # apps.finance.history.FEATURE_NAME (kept import-free)
 SNAPSHOT_MAGIC = b"VGLFRAUD"
 SNAPSHOT_VERSION = 1
 
@@ -54,6 +58,10 @@ class ScorerConfig:
         alerts_per_day / alert_rate: the alert budget (exactly one is set).
         threshold_window, base_threshold, min_scores: see :class:`DynamicThreshold`.
         pending_ttl, pending_max: how long / how many feature vectors wait for their label.
+        history_model: a card-history model (save_pretrained folder or MLflow URI, see
+            :mod:`apps.finance.history`) whose score becomes the feature ``hist_logit``;
+            None: off.
+        history_refresh: re-encode changed card histories in batches of at most this many.
     """
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -70,6 +78,8 @@ class ScorerConfig:
     min_scores: int = 100
     pending_ttl: str = "30d"
     pending_max: int = 2_000_000
+    history_model: str | None = None
+    history_refresh: int = 16
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -83,6 +93,10 @@ class ScorerConfig:
                 f"pending_ttl ({self.pending_ttl}) must exceed the label delay "
                 f"({self.features.label_delay}), or every label arrives after its features expired"
             )
+        if self.history_refresh < 1:
+            raise ValueError(f"history_refresh must be >= 1, got {self.history_refresh}")
+        if self.history_model is not None and not self.features.card_field:
+            raise ValueError("the card-history feature needs a card/account key field")
         if self.alert_rate is not None and self.alerts_per_day is not None:
             object.__setattr__(self, "alerts_per_day", None)  # an explicit rate wins
         # the remaining checks live in the components; build throwaway ones to fail early
@@ -116,6 +130,8 @@ class FraudScorer:
             regression, 100 alerts a day, labels 7 days late).
         model: an already trained :class:`FraudModel` (e.g. the MLflow champion) to start from.
         model_version: a name for the starting model; the scorer appends ``+<labels learned>``.
+        history: the card-history feature to use (default: loaded from
+            ``config.history_model`` when that is set, else none).
 
     >>> scorer = FraudScorer()
     >>> r = scorer.score({"tx_id": 1, "ts": 0.0, "card_id": 3, "terminal_id": 9, "amount": 42.0})
@@ -130,9 +146,19 @@ class FraudScorer:
         config: ScorerConfig | None = None,
         model: FraudModel | None = None,
         model_version: str | None = None,
+        history: CardHistory | None = None,
     ) -> None:
         self.config = cfg = config or ScorerConfig()
         self.features = FraudFeatures(cfg.features)
+        if history is None and cfg.history_model is not None:
+            from apps.finance.history import CardHistory, HistoryFields, load_history_model
+
+            history = CardHistory(
+                load_history_model(cfg.history_model),
+                HistoryFields.from_features(cfg.features),
+                refresh_batch=cfg.history_refresh,
+            )
+        self.history = history
         self.model = model or FraudModel(cfg.model, cfg.neg_rate, cfg.seed, cfg.lr, cfg.l2)
         self.threshold = DynamicThreshold(
             alerts_per_day=cfg.alerts_per_day,
@@ -160,7 +186,8 @@ class FraudScorer:
 
     @property
     def feature_names(self) -> list[str]:
-        return self.features.feature_names
+        names = self.features.feature_names
+        return names if self.history is None else [*names, HISTORY_FEATURE]
 
     def score(self, event: Mapping[str, Any]) -> ScoreResult:
         """Score one transaction (features before it, model, threshold); keep its features.
@@ -180,6 +207,8 @@ class FraudScorer:
         if tx_id in self.pending:
             raise ValueError(f"transaction {tx_id!r} was already scored and awaits its label")
         x = self.features.process(event)
+        if self.history is not None:  # after the checks above: the event is valid
+            x[HISTORY_FEATURE] = self.history.process(event, self.features.last_ts)
         t = self.features.last_ts
         p = self.model.score_one(x)
         if p != p:  # a diverged model must not silently alert on everything or nothing
@@ -232,7 +261,7 @@ class FraudScorer:
 
     def stats(self) -> dict[str, Any]:
         """Counters for logs and metrics."""
-        return {
+        out: dict[str, Any] = {
             "scored": self.n_scored,
             "alerts": self.n_alerts,
             "labels_joined": self.n_labels,
@@ -244,6 +273,10 @@ class FraudScorer:
             "threshold": self.threshold.current,
             "model_version": self.model_version,
         }
+        if self.history is not None:
+            out["history_cards"] = len(self.history)
+            out["history_encoded"] = self.history.n_encoded
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def snapshot(self) -> bytes:
@@ -261,6 +294,7 @@ class FraudScorer:
             "threshold": self.threshold.state(),
             "pending": self.pending.state(),
             "counters": (self.n_scored, self.n_alerts, self.n_labels, self.n_unmatched),
+            "history": self.history,  # model + per-card buffers and contexts (or None)
         }
         buf = io.BytesIO()
         pickle.dump(state, buf, protocol=pickle.HIGHEST_PROTOCOL)
@@ -271,7 +305,12 @@ class FraudScorer:
     def from_snapshot(cls, blob: bytes) -> FraudScorer:
         """A scorer that continues from :meth:`snapshot` bytes (ValueError if they are not)."""
         state = _load_snapshot(blob)
-        scorer = cls(state["config"], model=state["model"], model_version=state["version_base"])
+        scorer = cls(
+            state["config"],
+            model=state["model"],
+            model_version=state["version_base"],
+            history=state.get("history"),
+        )
         scorer.features.restore(state["windows"])
         scorer.features.last_ts = state["last_ts"]
         scorer.threshold.load_state(state["threshold"])

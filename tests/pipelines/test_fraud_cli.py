@@ -205,3 +205,60 @@ def test_demo_step_replays_a_small_world(tmp_path: Path, mlflow_store: str) -> N
     assert (
         json.loads((tmp_path / "fraud" / "replay.json").read_text())["rows"] == summary["replayed"]
     )
+
+
+def test_train_history_then_serve_it_and_ablate(
+    simulated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vigil fraud train-history` → a save_pretrained folder → `replay --history-model DIR`;
+    `replay --history-model train --ablation` reports both arms from one command."""
+    import torch
+
+    n = torch.get_num_threads()
+    folder = tmp_path / "hist"
+    args = ["fraud", "train-history", "--input", str(simulated), "--cutoff", "2018-04-20"]
+    args += ["--out", str(folder), "--epochs", "1", "--no-mlflow", "--no-progress"]
+    assert _main(args, monkeypatch) == 0
+    assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+    base = ["fraud", "replay", "--input", str(simulated), "--no-mlflow", "--no-progress"]
+    out = tmp_path / "served.json"
+    assert _main([*base, "--history-model", str(folder), "--json", str(out)], monkeypatch) == 0
+    rep = json.loads(out.read_text())
+    assert rep["history_model"] == str(folder) and rep["scorer"]["history_cards"] > 100
+    out = tmp_path / "ablation.json"
+    args = [*base, "--history-model", "train", "--ablation", "--history-cutoff", "2018-04-15"]
+    assert _main([*args, "--history-epochs", "1", "--json", str(out)], monkeypatch) == 0
+    ab = json.loads(out.read_text())["ablation"]
+    for arm in ("without_history", "with_history"):
+        assert {"auc", "ap", "cp_at_100"} <= set(ab[arm]) and ab[arm]["latency"]["p99_ms"] > 0
+        assert ab[arm]["scenarios"]  # per fraud scenario (account takeover on larger files)
+    assert ab["delta"]["ap"] == ab["with_history"]["ap"] - ab["without_history"]["ap"]
+    assert ab["history_training"]["source"] == "trained on this file"
+    assert ab["history_step_latency"]["events"] == json.loads(out.read_text())["rows"]
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--history-model", "/no/such/model"], "--history-model"),
+        (["--ablation"], "--ablation needs"),
+        (["--history-model", "train", "--history-cutoff", "April"], "--history-cutoff"),
+        (["--history-model", "train", "--history-cutoff", "2018-06-01"], "after the evaluation"),
+    ],
+)
+def test_bad_history_arguments_are_user_errors(
+    simulated: Path, args: list[str], msg: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    base = ["fraud", "replay", "--no-mlflow", "--no-progress", "--input", str(simulated)]
+    assert _main([*base, *args], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_train_history_with_too_little_labelled_history_is_a_user_error(
+    simulated: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    args = ["fraud", "train-history", "--input", str(simulated), "--cutoff", "2018-04-03"]
+    assert _main([*args, "--no-mlflow", "--no-progress"], monkeypatch) == 2
+    assert "too few labelled" in capsys.readouterr().err
