@@ -222,6 +222,27 @@ class DynamicSparseAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=p)
         return out.transpose(1, 2).contiguous(), q
 
+    def _project(self, xs: torch.Tensor, pad_l: int, pad_r: int) -> torch.Tensor:
+        """q/k/v projection of ``xs`` (B, S, D) with ``pad_l`` / ``pad_r`` zero rows around it.
+
+        Returns a contiguous (B, pad_l + S + pad_r, 3D). Without autograd the GEMM writes its
+        rows straight into the padded buffer: no copy of ``xs`` and no GEMM over the padding
+        (at 1k tokens the two halo blocks are 1/8 of the rows).
+        """
+        if not (pad_l or pad_r):
+            return self.qkv(xs)
+        B, S, D = xs.shape
+        if torch.is_grad_enabled():  # differentiable path: pad the input, one GEMM
+            zl, zr = xs.new_zeros(B, pad_l, D), xs.new_zeros(B, pad_r, D)
+            return self.qkv(torch.cat([zl, xs, zr], dim=1))
+        qkv = xs.new_empty(B, pad_l + S + pad_r, 3 * D)
+        qkv[:, :pad_l].zero_()
+        qkv[:, pad_l + S :].zero_()
+        wt = self.qkv.weight.t()
+        for i in range(B):
+            torch.addmm(self.qkv.bias, xs[i], wt, out=qkv[i, pad_l : pad_l + S])
+        return qkv
+
     def _local(
         self, x: torch.Tensor, mask: torch.Tensor | None, start: int, end: int, p: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,16 +255,13 @@ class DynamicSparseAttention(nn.Module):
         # and masked, which keeps every block the same shape.
         lo, hi = start - b, start + (n + 1) * b
         pad_l, pad_r = max(0, -lo), max(0, hi - L)
-        xs = x[:, max(lo, 0) : min(hi, L)]
-        if pad_l or pad_r:  # one pass (F.pad would fill everything, then copy)
-            xs = torch.cat([x.new_zeros(B, pad_l, D), xs, x.new_zeros(B, pad_r, D)], dim=1)
         T = (n + 2) * b
+        qkv = self._project(x[:, max(lo, 0) : min(hi, L)], pad_l, pad_r)  # (B, T, 3D)
         # Lay the B rows end to end as one flat run of B*(n+2) blocks: window w is blocks
         # (w, w+1, w+2) and its queries are block w+1. Every window is then an overlapping
         # strided *view* of the projection (no copy), at the price of 2 wasted windows per row
         # that straddle two rows (none when B == 1).
         W = B * (n + 2) - 2
-        qkv = self.qkv(xs)  # (B, T, 3D), contiguous
         row = 3 * D  # stride of one token
         base = qkv.storage_offset()
         q = qkv.as_strided((W, H, b, hd), (b * row, hd, row, 1), base + b * row)
