@@ -110,6 +110,19 @@ def test_segment_length_does_not_change_the_output() -> None:
     assert torch.allclose(a(x, mask), b(x, mask), atol=1e-5, rtol=0)
 
 
+def test_inference_path_equals_the_autograd_path() -> None:
+    """Without autograd the q/k/v GEMM writes into a preallocated halo-padded buffer; the result
+    must match the differentiable path (batch > 1, padding mask, several segments)."""
+    torch.manual_seed(9)
+    m = DynamicSparseAttention(32, 4, window=16, top_k=5, segment_len=48).eval()
+    x = torch.randn(3, 170, 32)
+    mask = right_padding(3, 170, [170, 100, 9])
+    expected = m(x, mask)
+    with torch.no_grad():
+        got = m(x, mask)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+
+
 def test_padding_content_cannot_leak_into_real_tokens() -> None:
     torch.manual_seed(4)
     m = DynamicSparseAttention(32, 4, window=8, top_k=4).eval()
