@@ -95,6 +95,13 @@ def serve(
     alerts_per_day: Annotated[
         float, typer.Option(help="Alert budget per partition per day.")
     ] = 100.0,
+    label_wait: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a transaction waits for the label feed's watermark once the feed is "
+            "caught up (-1: forever, exact replays; feeds without watermarks need >= 0)."
+        ),
+    ] = 2.0,
     max_idle: Annotated[
         float, typer.Option(help="Stop after S seconds without input (0: never).")
     ] = 0.0,
@@ -134,6 +141,7 @@ def serve(
                 metrics_port=None if metrics_port < 0 else metrics_port,
                 mlflow_every_s=mlflow_every if mlflow_every > 0 else None,
                 warm_start=warm_start,
+                label_wait_s=None if label_wait < 0 else label_wait,
                 idle_exit_s=max_idle if max_idle > 0 else None,
                 scorer=scorer_cfg,
             )

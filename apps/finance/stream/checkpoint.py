@@ -7,15 +7,30 @@ fails its SHA-256 check on load and the previous one is used instead, so a crash
 leaves a consistent (state, offsets) pair on disk.
 
 Replicas of one consumer group must share the folder: it is how state moves with partitions.
+
+Fencing. ``p<N>.owner`` names the replica that owns partition N: :meth:`CheckpointStore.claim`
+writes a fresh token there when a replica is assigned the partition, and a save with a token
+(or :meth:`CheckpointStore.owns`) refuses once another replica has claimed it since, so a
+zombie replica cannot overwrite the new owner's checkpoint. Claims and guarded saves hold an
+exclusive ``flock`` on ``<dir>/.lock`` (a local folder, or a network file system with working
+POSIX locks).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import hashlib
+import json
 import logging
+import math
 import os
 import pickle
+import socket
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,24 +49,20 @@ class Checkpoint:
     scorer: bytes
     events: int = 0
     created: float = 0.0
+    label_wm: float = -math.inf  # largest label watermark applied (see serve.py)
+    generation: int = -1  # consumer-group generation of the writer (diagnostics)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be trusted (bad magic or checksum)."""
 
 
+class FencedError(RuntimeError):
+    """Another replica has claimed the partition: this one must not write its state."""
+
+
 def encode(ck: Checkpoint) -> bytes:
-    payload = pickle.dumps(
-        {
-            "partition": ck.partition,
-            "tx_offset": ck.tx_offset,
-            "label_offset": ck.label_offset,
-            "scorer": ck.scorer,
-            "events": ck.events,
-            "created": ck.created,
-        },
-        protocol=5,
-    )
+    payload = pickle.dumps(dataclasses.asdict(ck), protocol=5)
     return MAGIC + hashlib.sha256(payload).digest() + payload
 
 
@@ -78,8 +89,60 @@ class CheckpointStore:
             raise ValueError(f"partition must be >= 0, got {partition}")
         return self.root / f"p{partition}.ckpt"
 
-    def save(self, ck: Checkpoint) -> Path:
-        """Write ``ck`` atomically (temp + fsync + rename + folder fsync)."""
+    def owner_path(self, partition: int) -> Path:
+        return self.path(partition).with_suffix(".owner")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def claim(self, partition: int, generation: int = -1) -> str:
+        """Make this replica the owner of ``partition``; returns the token its saves carry."""
+        token = uuid.uuid4().hex
+        record = {
+            "token": token,
+            "generation": generation,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.time(),
+        }
+        with self._locked():
+            _write_atomic(self.owner_path(partition), json.dumps(record).encode())
+        log.info("claimed partition %d (generation %d)", partition, generation)
+        return token
+
+    def owner(self, partition: int) -> dict[str, object] | None:
+        try:
+            d = json.loads(self.owner_path(partition).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return d if isinstance(d, dict) else None
+
+    def owns(self, partition: int, token: str) -> bool:
+        """Whether ``token`` is still the last claim on ``partition``."""
+        d = self.owner(partition)
+        return d is not None and d.get("token") == token
+
+    def save(self, ck: Checkpoint, token: str | None = None) -> Path:
+        """Write ``ck`` atomically; with ``token``, only while that claim is the current one."""
+        if token is None:
+            return self._save(ck)
+        with self._locked():
+            if not self.owns(ck.partition, token):
+                d = self.owner(ck.partition) or {}
+                raise FencedError(
+                    f"partition {ck.partition} is claimed by another replica "
+                    f"(pid {d.get('pid')} on {d.get('host')}, generation {d.get('generation')})"
+                )
+            return self._save(ck)
+
+    def _save(self, ck: Checkpoint) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path(ck.partition)
         tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
@@ -124,6 +187,13 @@ class CheckpointStore:
 
 
 def _stamped(ck: Checkpoint) -> Checkpoint:
-    return Checkpoint(
-        ck.partition, ck.tx_offset, ck.label_offset, ck.scorer, ck.events, time.time()
-    )
+    return dataclasses.replace(ck, created=time.time())
+
+
+def _write_atomic(path: Path, blob: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

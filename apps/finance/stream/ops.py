@@ -34,6 +34,14 @@ class ServiceMetrics:
         self.alerts = Counter("vigil_fraud_alerts", "Transactions flagged", registry=r)
         self.labels = Counter("vigil_fraud_labels", "Labels learned", ["joined"], registry=r)
         self.checkpoints = Counter("vigil_fraud_checkpoints", "Checkpoints written", registry=r)
+        self.fenced = Counter(
+            "vigil_fraud_fenced", "Partitions dropped: claimed by another replica", registry=r
+        )
+        self.label_timeouts = Counter(
+            "vigil_fraud_label_wait_timeouts",
+            "Stalls where scoring went on without the label watermark",
+            registry=r,
+        )
         self.latency = Histogram(
             "vigil_fraud_latency_seconds",
             "Input record timestamp → score produced",

@@ -135,12 +135,29 @@ class Label:
     terminal_id: Any = None
 
 
-def parse_label(raw: bytes | None) -> Label | None:
-    """A message of the ``labels`` topic, or None if it is not a valid label."""
+@dataclass(frozen=True)
+class Watermark:
+    """A promise of the label feed: every label of this partition with ``available_ts <= ts``
+    precedes this record. Message value ``{"watermark": ts}``, no key, explicit partition."""
+
+    ts: float
+
+
+def parse_label(raw: bytes | None) -> Label | Watermark | None:
+    """A message of the ``labels`` topic (a label or a watermark), or None if it is neither.
+
+    >>> parse_label(b'{"watermark": 5}')
+    Watermark(ts=5.0)
+    """
     if raw is None or len(raw) > MAX_BYTES:
         return None
     try:
         obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+        if isinstance(obj, dict) and obj.keys() == {"watermark"}:
+            w = obj["watermark"]
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                return None
+            return Watermark(float(w))
         y = obj["is_fraud"]
         if isinstance(y, bool):
             y = int(y)

@@ -7,10 +7,35 @@ the same partition numbers of both topics (co-partitioning, as in Kafka Streams)
 partition has its own scorer (model + feature windows + pending labels + threshold), so a
 partition's state depends only on its own records and moves with it on a rebalance.
 
-Determinism. Within a partition, labels are applied in event time: before a transaction at
-time ``t`` is scored, every label with ``available_ts <= t`` is learned, and if the label
-buffer is empty while the ``labels`` partition has unread records, scoring waits for them. The
-same input therefore gives the same state, whatever the poll timing, restarts or rebalances.
+Determinism (event time, not arrival order). Within a partition the two logs are merged by
+event time: before a transaction at time ``t`` is scored, every record of the ``labels``
+partition up to the first one whose time is past ``t`` is applied (a label's time is its
+``available_ts``). A transaction is scored only once the label feed is known to have passed
+``t``: the next label record is later than ``t``, or a watermark ``{"watermark": w}`` with
+``w >= t`` was read (the feed's promise that every label due by ``w`` precedes it; see
+``producer.py``). Which labels the model has learned before a transaction is therefore a
+function of the two logs alone, not of which topic's records happened to arrive first, so a
+crashed and restarted run, a rebalanced one and an uninterrupted one end in the same state
+(the consumed label watermark is part of the checkpoint). A label feed that sends no
+watermarks would stall scoring; ``label_wait_s`` bounds that wait: once the ``labels``
+partition is caught up and nothing has passed ``t`` for that long, scoring goes on without
+the guarantee (counted in ``vigil_fraud_label_wait_timeouts``). ``None`` waits forever.
+
+Card-keyed partitions make the state partition-local: card features see all of a card's
+history, but terminal-risk windows (and the model, threshold and pending labels) only see the
+cards hashed to the same partition, so a terminal's risk is estimated from a 1/N sample of its
+traffic and results depend on the partition count. A global terminal view would need a
+terminal-keyed repartition (a second stage) and is not built.
+
+Fencing. A replica that lost its partitions while stalled (a zombie, e.g. SIGSTOPped past the
+session timeout) must not write state. On assignment a replica *claims* each partition in the
+shared checkpoint folder (``checkpoint.py``: an owner record with a fresh token, under a file
+lock); every checkpoint write and offset commit checks that the claim is still its own, and a
+partition found claimed by another replica is dropped without writing anything
+(``on_partitions_lost`` does the same). The last claimer wins: the coordinator hands out
+assignments in generation order, so the last claim is the current owner's. The claim records
+the group generation for the logs but is not compared to it, because an embedded broker that
+restarts begins generations at 1 again while the folder persists.
 
 Delivery. Outputs of a poll batch are flushed before anything is committed; committed offsets
 and checkpoints (``checkpoint.py``) only ever cover records whose outputs were produced. A
@@ -32,9 +57,9 @@ from typing import Any
 
 from kafka import ConsumerRebalanceListener
 
-from apps.finance.stream.checkpoint import Checkpoint, CheckpointStore
+from apps.finance.stream.checkpoint import Checkpoint, CheckpointStore, FencedError
 from apps.finance.stream.ops import Every, Prequential, ServiceMetrics
-from apps.finance.stream.schema import Label, Rejected, Valid, parse_label, validate
+from apps.finance.stream.schema import Label, Rejected, Valid, Watermark, parse_label, validate
 from apps.finance.stream.scorer import PartitionScorer, ScorerConfig, make_scorer
 
 log = logging.getLogger("vigil.fraud.serve")
@@ -66,6 +91,7 @@ class ServiceConfig:
     metrics_port: int | None = None
     mlflow_every_s: float | None = None
     warm_start: str | None = None  # registered model name whose `champion` seeds new partitions
+    label_wait_s: float | None = 2.0  # see the module doc; None = wait for the label feed forever
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
 
     def __post_init__(self) -> None:
@@ -87,6 +113,8 @@ class ServiceConfig:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.mlflow_every_s is not None and not self.mlflow_every_s > 0:
             raise ValueError(f"mlflow_every_s must be > 0, got {self.mlflow_every_s}")
+        if self.label_wait_s is not None and not self.label_wait_s >= 0:
+            raise ValueError(f"label_wait_s must be >= 0, got {self.label_wait_s}")
 
 
 class DeliveryError(RuntimeError):
@@ -101,10 +129,13 @@ class _Part:
     scorer: PartitionScorer
     tx_next: int | None  # next transactions offset to process (None = from the beginning)
     label_next: int | None  # next labels offset to apply
+    token: str  # this replica's claim on the partition (fencing)
+    label_wm: float = -math.inf  # largest label watermark applied
     tx: deque[tuple[Any, Valid | Rejected]] = field(default_factory=deque)
-    labels: deque[tuple[Any, Label | None]] = field(default_factory=deque)
+    labels: deque[tuple[Any, Label | Watermark | None]] = field(default_factory=deque)
     events: int = 0
     since_checkpoint: int = 0
+    blocked_since: float | None = None  # monotonic time the head transaction began waiting
 
 
 class FraudService:
@@ -136,6 +167,8 @@ class FraudService:
         self.dlq = 0
         self.alerts = 0
         self.rewinds = 0
+        self.fenced = 0
+        self.label_timeouts = 0
         self._assigned_at = 0.0
         self._owned_at_stop: list[int] = []
         self._offsets_at_stop: dict[int, int | None] = {}
@@ -185,6 +218,8 @@ class FraudService:
             "alerts": self.alerts,
             "dlq": self.dlq,
             "rewinds": self.rewinds,
+            "fenced": self.fenced,
+            "label_wait_timeouts": self.label_timeouts,
             "partitions": sorted(self.parts) or self._owned_at_stop,
             "events_per_s": round(self.scored / elapsed, 1) if elapsed > 0 else 0.0,
             **{f"quality_{k}": round(v, 4) for k, v in self.quality.summary().items()},
@@ -247,12 +282,21 @@ class FraudService:
         for p in partitions:
             if p in self.parts:
                 continue
+            token = self.store.claim(p, self._generation())
             scorer = self._factory()
             ck = self.store.load(p)
             tx_tp, lab_tp = TopicPartition(t.transactions, p), TopicPartition(t.labels, p)
             if ck is not None:
                 scorer.restore(ck.scorer)
-                part = _Part(p, scorer, ck.tx_offset, ck.label_offset, events=ck.events)
+                part = _Part(
+                    p,
+                    scorer,
+                    ck.tx_offset,
+                    ck.label_offset,
+                    token,
+                    label_wm=ck.label_wm,
+                    events=ck.events,
+                )
                 log.info(
                     "partition %d restored at offsets tx=%s labels=%s",
                     p,
@@ -264,7 +308,7 @@ class FraudService:
                 if self._champion is not None:
                     scorer.restore(self._champion[0])
                 # no checkpoint: rebuild the partition's state from its first retained record
-                part = _Part(p, scorer, None, None)
+                part = _Part(p, scorer, None, None, token)
                 log.info("partition %d starts fresh", p, extra={"partition": p})
             for tp, off in ((tx_tp, part.tx_next), (lab_tp, part.label_next)):
                 if off is None:
@@ -275,6 +319,12 @@ class FraudService:
             self.metrics.model.info({"version": scorer.model_version})
         self.metrics.partitions.set(len(self.parts))
         self._assigned_at = time.monotonic()
+
+    def _generation(self) -> int:
+        try:
+            return int(self._consumer.group_metadata().generation_id)
+        except Exception:  # not joined / no group: the claim just records -1
+            return -1
 
     def _revoke(self, partitions: list[int]) -> None:
         for p in partitions:
@@ -288,7 +338,23 @@ class FraudService:
                 log.warning(
                     "partition %d revoked with undelivered outputs; its checkpoint stays", p
                 )
-            del self.parts[p]
+            except FencedError as exc:
+                log.warning("partition %d revoked: %s", p, exc)
+            self.parts.pop(p, None)
+        self.metrics.partitions.set(len(self.parts))
+
+    def _lose(self, partitions: list[int], why: str) -> None:
+        """Drop partitions another replica owns now: no checkpoint, no commit, no state kept."""
+        for p in partitions:
+            if self.parts.pop(p, None) is not None:
+                self.fenced += 1
+                self.metrics.fenced.inc()
+                log.warning(
+                    "partition %d lost (%s): dropped without writing",
+                    p,
+                    why,
+                    extra={"partition": p},
+                )
         self.metrics.partitions.set(len(self.parts))
 
     def _checkpoint(self, part: _Part) -> None:
@@ -303,7 +369,10 @@ class FraudService:
                 self._offset(t.labels, part.partition, part.label_next),
                 part.scorer.snapshot(),
                 part.events,
-            )
+                label_wm=part.label_wm,
+                generation=self._generation(),
+            ),
+            token=part.token,
         )
         part.since_checkpoint = 0
         self.metrics.checkpoints.inc()
@@ -357,13 +426,15 @@ class FraudService:
                     # _reap once every output they cover is acknowledged
                     self._seal()
                 self._reap()
+                due = ck_timer()
                 for part in list(self.parts.values()):
-                    if part.since_checkpoint >= cfg.checkpoint_every:
-                        self._checkpoint(part)
-                if ck_timer():
-                    for part in list(self.parts.values()):
-                        if part.since_checkpoint:
+                    if part.since_checkpoint >= cfg.checkpoint_every or (
+                        due and part.since_checkpoint
+                    ):
+                        try:
                             self._checkpoint(part)
+                        except FencedError as exc:
+                            self._lose([part.partition], str(exc))
             except DeliveryError as exc:
                 log.warning("%s", exc)
                 self._rewind()
@@ -438,21 +509,50 @@ class FraudService:
         return n
 
     def _apply_labels(self, part: _Part, ts: float) -> bool:
-        """Learn every buffered label available by event time ``ts``; False = must wait."""
-        while True:
-            if not part.labels:
-                return not self._labels_behind(part)
-            rec, label = part.labels[0]
-            if label is None:
-                self._to_dlq(rec, "bad_label", "not a valid label message")
-            elif label.available_ts <= ts:
-                joined = part.scorer.learn(label.tx_id, label.is_fraud)
+        """Apply the label records due by event time ``ts``; False = the feed has not passed it."""
+        while part.labels:
+            rec, item = part.labels[0]
+            if item is None:
+                self._to_dlq(rec, "bad_label", "not a valid label or watermark message")
+            elif isinstance(item, Watermark):
+                if item.ts > ts:
+                    break  # every label due by ts precedes it
+                part.label_wm = max(part.label_wm, item.ts)
+            elif item.available_ts <= ts:
+                joined = part.scorer.learn(item.tx_id, item.is_fraud)
                 self.metrics.labels.labels("yes" if joined else "no").inc()
-                self.quality.labelled(label.tx_id, label.is_fraud)
+                self.quality.labelled(item.tx_id, item.is_fraud)
             else:
-                return True
+                break  # a later label: the feed has passed ts
             part.labels.popleft()
             part.label_next = rec.offset + 1
+        else:
+            if part.label_wm < ts:
+                return self._label_wait(part, ts)
+        part.blocked_since = None
+        return True
+
+    def _label_wait(self, part: _Part, ts: float) -> bool:
+        """The feed has not passed ``ts``: wait, at most ``label_wait_s`` once it is caught up."""
+        limit = self.config.label_wait_s
+        now = time.monotonic()
+        if part.blocked_since is None:
+            part.blocked_since = now
+        if limit is None or now - part.blocked_since < limit or self._labels_behind(part):
+            return False
+        if part.blocked_since > 0:  # count (and log) each stall once, not every transaction
+            self.label_timeouts += 1
+            self.metrics.label_timeouts.inc()
+            log.warning(
+                "partition %d: no label watermark past event time %s for %.1fs; scoring on "
+                "without it (state now depends on arrival order)",
+                part.partition,
+                ts,
+                limit,
+                extra={"partition": part.partition},
+            )
+            part.blocked_since = -math.inf  # stays timed out until the feed passes a transaction
+        return True
 
     def _labels_behind(self, part: _Part) -> bool:
         """Whether the ``labels`` partition has records we have not read yet."""
@@ -543,6 +643,14 @@ class FraudService:
 
     def _commit(self, offsets: dict[Any, Any] | None = None, sync: bool = False) -> None:
         offsets = self._offsets() if offsets is None else offsets
+        # only partitions this replica still owns and has claimed: a zombie commits nothing
+        lost = sorted(
+            {tp.partition for tp in offsets}
+            - {p for p, part in self.parts.items() if self.store.owns(p, part.token)}
+        )
+        if lost:
+            self._lose([p for p in lost if p in self.parts], "claimed by another replica")
+            offsets = {tp: o for tp, o in offsets.items() if tp.partition not in lost}
         if not offsets:
             return
         try:
@@ -601,7 +709,10 @@ class FraudService:
                     self._flush()
                     self._commit(sync=True)
                     for part in list(self.parts.values()):
-                        self._checkpoint(part)
+                        try:
+                            self._checkpoint(part)
+                        except FencedError as exc:
+                            self._lose([part.partition], str(exc))
                 except DeliveryError as exc:
                     log.warning("shutdown with undelivered outputs (%s); checkpoints stay", exc)
         finally:
@@ -645,6 +756,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def on_partitions_revoked(self, revoked: Any) -> None:
         t = self.service.config.topics.transactions
         self.service._revoke(sorted({tp.partition for tp in revoked if tp.topic == t}))
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        # evicted from the group (e.g. stalled past the session timeout): another replica may
+        # own these partitions already, so nothing is checkpointed or committed for them
+        t = self.service.config.topics.transactions
+        self.service._lose(sorted({tp.partition for tp in lost if tp.topic == t}), "evicted")
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         t = self.service.config.topics.transactions

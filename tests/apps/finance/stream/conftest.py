@@ -85,7 +85,9 @@ def run_reference(bootstrap: str, folder: Path, partitions: int) -> Any:
     """One uninterrupted in-process run over everything on the broker (outputs to ref.*)."""
     from apps.finance.stream.serve import FraudService
 
-    svc = FraudService(service_config(bootstrap, folder, prefix="ref.", partitions=partitions))
+    svc = FraudService(
+        service_config(bootstrap, folder, prefix="ref.", partitions=partitions, label_wait_s=None)
+    )
     svc.run()
     return svc
 
@@ -124,6 +126,8 @@ class Replica:
             "-1",
             "--mlflow-every",
             "0",
+            "--label-wait",  # exact: every transaction waits for the label watermark
+            "-1",
             *args,
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}

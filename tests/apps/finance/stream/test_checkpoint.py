@@ -10,6 +10,7 @@ from apps.finance.stream.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointStore,
+    FencedError,
     decode,
     encode,
 )
@@ -62,3 +63,32 @@ def test_bad_arguments(tmp_path: Path) -> None:
         CheckpointStore(f)
     with pytest.raises(ValueError, match="partition"):
         CheckpointStore(tmp_path).path(-1)
+
+
+def test_new_fields_round_trip_and_old_files_load(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(Checkpoint(0, 1, 1, b"s", label_wm=12.5, generation=4))
+    ck = store.load(0)
+    assert ck is not None and (ck.label_wm, ck.generation) == (12.5, 4)
+    import hashlib
+    import pickle
+
+    old = {"partition": 1, "tx_offset": 2, "label_offset": 3, "scorer": b"s", "events": 0}
+    payload = pickle.dumps(old)  # a checkpoint written before watermarks and fencing existed
+    store.path(1).write_bytes(b"VIGILCK1" + hashlib.sha256(payload).digest() + payload)
+    ck = store.load(1)
+    assert ck is not None and ck.label_wm == float("-inf") and ck.generation == -1
+
+
+def test_a_later_claim_fences_the_earlier_owner(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    zombie = store.claim(0, generation=3)
+    store.save(Checkpoint(0, 10, 5, b"zombie-before"), token=zombie)
+    owner = store.claim(0, generation=4)  # the partition moved to another replica
+    assert not store.owns(0, zombie) and store.owns(0, owner)
+    store.save(Checkpoint(0, 20, 9, b"owner"), token=owner)
+    with pytest.raises(FencedError, match="claimed by another replica"):
+        store.save(Checkpoint(0, 15, 7, b"zombie-after"), token=zombie)
+    ck = store.load(0)
+    assert ck is not None and ck.scorer == b"owner" and ck.tx_offset == 20
+    assert store.owner(0) is not None and store.owner(0)["generation"] == 4  # type: ignore[index]

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apps.finance.stream.schema import REASONS, Rejected, Valid, parse_label, validate
+from apps.finance.stream.schema import (
+    REASONS,
+    Label,
+    Rejected,
+    Valid,
+    Watermark,
+    parse_label,
+    validate,
+)
 
 GOOD = {"tx_id": 7, "ts": 1_700_000_000.0, "card_id": 3, "terminal_id": 9, "amount": 12.5}
 
@@ -105,6 +113,15 @@ def test_random_objects_are_valid_only_when_well_typed(d: dict[str, object]) -> 
 
 def test_parse_label() -> None:
     lab = parse_label(b'{"tx_id": 5, "card_id": 1, "ts": 10, "available_ts": 20, "is_fraud": 1}')
-    assert lab is not None and lab.tx_id == "5" and lab.is_fraud == 1 and lab.available_ts == 20
+    assert (
+        isinstance(lab, Label) and lab.tx_id == "5" and lab.is_fraud == 1 and lab.available_ts == 20
+    )
     assert parse_label(b'{"tx_id": 5, "card_id": 1, "ts": 10, "is_fraud": 3}') is None
     assert parse_label(b"nope") is None
+
+
+def test_parse_watermark() -> None:
+    assert parse_label(b'{"watermark": 1700000000}') == Watermark(1.7e9)
+    for bad in (b'{"watermark": "x"}', b'{"watermark": true}', b'{"watermark": 1e999}'):
+        assert parse_label(bad) is None
+    assert parse_label(b'{"watermark": 1, "x": 2}') is None  # neither a watermark nor a label

@@ -111,34 +111,6 @@ def test_fuzz_corpus_goes_to_dlq_and_valid_events_are_scored(
     assert len(runs) == 1 and runs["metrics.events"].iloc[0] == len(good)
 
 
-def test_kill9_and_restart_equals_uninterrupted_run(
-    broker: str, tmp_path: Path, replicas: list[Replica]
-) -> None:
-    msgs = make_input(n_customers=250, n_days=10)
-    ids = publish_input(broker, msgs, partitions=3)
-    ref = run_reference(broker, tmp_path / "ref", partitions=3)
-    assert ref.scored == len(ids)
-    ref_scores = _scores(read_topic(broker, "ref.scores", until=ids))
-
-    folder = tmp_path / "ck"
-    first = Replica(broker, folder, "--checkpoint-every", "150", "--partitions", "3")
-    replicas.append(first)
-    seen = _wait_scored(broker, "scores", len(ids) // 4)
-    first.kill(signal.SIGKILL)
-    first.wait(10)
-    scored_before_crash = len(_scores(read_topic(broker, "scores")))
-    assert 0 < scored_before_crash < len(ids), "the kill must land mid-stream"
-    assert seen
-
-    second = Replica(broker, folder, "--checkpoint-every", "150", "--max-idle", "2")
-    replicas.append(second)
-    assert second.wait(90) == 0, second.output()[-2000:]
-    after = _scores(read_topic(broker, "scores", until=ids))
-    assert set(after) == ids  # every transaction scored
-    assert after == ref_scores  # ... with the scores of the uninterrupted run
-    assert states(folder) == states(tmp_path / "ref")  # and the same final state
-
-
 def test_two_replicas_one_stops_the_other_takes_over_with_state(
     broker: str, tmp_path: Path, replicas: list[Replica]
 ) -> None:
@@ -199,3 +171,110 @@ def test_broker_pause_loses_nothing(embedded_broker: Any, tmp_path: Path) -> Non
     assert not th.is_alive()
     assert set(_scores(read_topic(bootstrap, "scores", until=ids))) == ids
     assert svc.scored >= len(ids)
+
+
+def test_kill9_with_live_input_equals_uninterrupted_run(
+    broker: str, tmp_path: Path, replicas: list[Replica]
+) -> None:
+    """Transactions and labels are published *while* the scorer runs (one producer, paced),
+    the scorer is killed mid-stream and restarted while publishing goes on: the final state
+    equals that of one uninterrupted run over the finished topics."""
+    import threading
+
+    from apps.finance.stream.producer import publish
+    from core.broker import create_topics, make_producer
+
+    msgs = make_input(n_customers=250, n_days=10, seed=8)
+    ids = {str(m.value["tx_id"]) for m in msgs if m.topic_kind == "tx"}
+    create_topics(broker, ["transactions", "labels"], partitions=3)
+    folder = tmp_path / "ck"
+    first = Replica(broker, folder, "--checkpoint-every", "150", "--partitions", "3")
+    replicas.append(first)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "starts fresh" not in first.output():
+        time.sleep(0.05)
+    # the label feed is another system with its own batching: labels reach the broker later
+    # than the transactions published after them
+    labels = make_producer(broker, linger_ms=60)
+    producer = threading.Thread(
+        target=publish, args=(msgs, broker), kwargs={"rate": 700.0, "label_producer": labels}
+    )
+    producer.start()
+    _wait_scored(broker, "scores", len(ids) // 3)
+    first.kill(signal.SIGKILL)
+    first.wait(10)
+    second = Replica(broker, folder, "--checkpoint-every", "150", "--max-idle", "3")
+    replicas.append(second)
+    producer.join(60)
+    assert not producer.is_alive()
+    labels.close()
+    assert second.wait(90) == 0, second.output()[-2000:]
+    assert set(_scores(read_topic(broker, "scores", until=ids))) == ids
+
+    ref = run_reference(broker, tmp_path / "ref", partitions=3)
+    assert ref.scored == len(ids)
+    assert states(folder) == states(tmp_path / "ref")
+
+
+def test_zombie_replica_cannot_clobber_the_new_owners_checkpoints(
+    broker: str, tmp_path: Path, replicas: list[Replica]
+) -> None:
+    """SIGSTOP a replica past the session timeout: the other takes its partitions over. On
+    SIGCONT the stale one must not write its older state over the new owner's checkpoints
+    (a partition's checkpointed offsets never go back) and nothing is lost."""
+    import threading
+
+    from apps.finance.stream.checkpoint import CheckpointStore
+    from apps.finance.stream.producer import publish
+    from core.broker import create_topics
+
+    msgs = make_input(n_customers=200, n_days=10, seed=9)
+    ids = {str(m.value["tx_id"]) for m in msgs if m.topic_kind == "tx"}
+    create_topics(broker, ["transactions", "labels"], partitions=4)
+    folder = tmp_path / "ck"
+    a = Replica(broker, folder, "--partitions", "4", "--checkpoint-every", "50")
+    b = Replica(broker, folder, "--partitions", "4", "--checkpoint-every", "50")
+    replicas.extend([a, b])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(
+        r.output().count("claimed partition") >= 1 for r in (a, b)
+    ):
+        time.sleep(0.05)
+
+    store = CheckpointStore(folder)
+    history: dict[int, list[int]] = {}
+    watching = threading.Event()
+
+    def watch() -> None:  # every checkpointed tx offset, in the order they appear on disk
+        while not watching.is_set():
+            for p in store.partitions():
+                ck = store.load(p)
+                if ck is not None and (not history.get(p) or history[p][-1] != ck.tx_offset):
+                    history.setdefault(p, []).append(ck.tx_offset)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    producer = threading.Thread(target=publish, args=(msgs, broker), kwargs={"rate": 500.0})
+    producer.start()
+    time.sleep(1.5)
+    a.kill(signal.SIGSTOP)  # a stalls mid-stream holding its partitions and their state
+    producer.join(60)
+    scored = set(_scores(read_topic(broker, "scores", until=ids, timeout_s=60)))
+    assert scored == ids  # b took a's partitions over after the session timeout
+    a.kill(signal.SIGCONT)  # the zombie wakes up with stale state and buffered records
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "lost" not in a.output():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    for r in (a, b):
+        r.kill(signal.SIGTERM)
+        assert r.wait(30) == 0, r.output()[-2000:]
+    watching.set()
+    watcher.join(5)
+
+    assert "lost" in a.output(), a.output()[-2000:]
+    assert history and all(h == sorted(h) for h in history.values()), history
+    ref = run_reference(broker, tmp_path / "ref", partitions=4)
+    assert ref.scored == len(ids)
+    assert states(folder) == states(tmp_path / "ref")
