@@ -306,7 +306,9 @@ def replay(
     if bar is not None:
         bar.n = n
         bar.close()
-    return ReplayResult(score, alert, thr, scored, rejected, n_rejected, cpu_s, wall_s, scorer, lat)
+    return ReplayResult(
+        score, alert, thr, scored, rejected, n_rejected, cpu_s, wall_s, scorer, lat, lat_cpu
+    )
 
 
 # ---------------------------------------------------------------------------- evaluation

@@ -16,7 +16,13 @@ def test_quick_bench_reports_measured_numbers() -> None:
     for key in ("events_per_s", "auc", "ap", "cp_at_100", "f1"):
         assert isinstance(r[key], float) and math.isfinite(r[key]), key
     assert r["events_per_s"] > 100
-    assert set(r["targets"]) == {"events_per_s", "auc", "ap", "cp_at_100"}
+    assert set(r["targets"]) == {"events_per_s", "auc", "ap", "cp_at_100", "history_added_p99_ms"}
+    hist = r["targets"].pop("history_added_p99_ms")
+    ab = r["history_ablation"]
+    assert hist["value"] == ab["added_p99_cpu_ms"] and hist["met"] == (hist["value"] <= 5.0)
+    for arm in ("without_history", "with_history"):  # both arms measured in the same run
+        assert math.isfinite(ab[arm]["ap"]) and ab[arm]["latency_cpu"]["p99_ms"] > 0
+    assert r["history_delta"]["ap"] == ab["with_history"]["ap"] - ab["without_history"]["ap"]
     for name, t in r["targets"].items():
         assert t["value"] == r[name]  # the target reports the measured number itself
         assert t["met"] == (
