@@ -15,7 +15,8 @@ Fault tolerance (both engines): an item that raises is retried up to ``max_retri
 yielded as failed with its reason. A worker process that dies (``os._exit``, OOM kill, segfault;
 on Ray also an item running past ``item_timeout``) takes the items it was running with it: they
 are retried on a fresh worker, then failed. The job always finishes. Locally a dead process breaks
-the whole pool, so every item in flight at that moment (at most ``workers``) is charged one try.
+the whole pool: the items in flight are not charged but re-run one at a time, so only the item
+that kills its process is charged for it.
 If ``make_worker`` itself raises, nothing can run: :class:`WorkerInitError` is raised.
 """
 
@@ -172,15 +173,23 @@ def _run_pool(
     max_retries: int,
     env: Mapping[str, str] | None,
 ) -> Iterator[Outcome[T]]:
+    """A dead process breaks the whole pool and fails every item in flight, so the culprit is
+    unknown. Those items are not charged; they are re-run one at a time ("suspects"), where a
+    crash can only be the item's own doing."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     queue: deque[int] = deque(range(len(items)))
+    suspects: deque[int] = deque()
     tries = [0] * len(items)
     ctx = mp.get_context("spawn")  # torch + fork is unsafe
     pool = ProcessPoolExecutor(workers, mp_context=ctx)
     running: dict[Future[Any], int] = {}
+
+    def submit(i: int) -> None:
+        tries[i] += 1
+        running[pool.submit(_pool_call, make_worker, env, items[i])] = i
 
     def settle(i: int, ok: bool, payload: Any, died: bool) -> Outcome[T] | None:
         """The outcome to yield, or None when the item goes back in the queue for a retry."""
@@ -188,35 +197,53 @@ def _run_pool(
             return Outcome(i, items[i], True, payload, attempts=tries[i])
         if tries[i] > max_retries:
             return Outcome(i, items[i], False, error=payload, attempts=tries[i], worker_died=died)
-        (queue.appendleft if died else queue.append)(i)
+        (suspects if died else queue).append(i)
         return None
 
     try:
-        while queue or running:
-            # At most `workers` items in flight: a dead process then charges only those.
-            while queue and len(running) < workers:
-                i = queue.popleft()
-                tries[i] += 1
-                running[pool.submit(_pool_call, make_worker, env, items[i])] = i
+        while queue or suspects or running:
+            if suspects:
+                if not running:
+                    submit(suspects.popleft())  # alone: nothing else can take the blame
+            else:
+                while queue and len(running) < workers:
+                    submit(queue.popleft())
             done, _ = wait(running, return_when=FIRST_COMPLETED)
-            broken = False
-            for fut in list(done) + [f for f in running if f not in done]:
-                if fut not in done and not broken:
-                    continue  # still running; only collected after a break
+            finished: list[tuple[int, bool, Any]] = []
+            broken, lost = False, []
+            for fut in done:
                 i = running.pop(fut)
                 try:
                     ok, payload = fut.result()
-                    died = False
-                except BrokenProcessPool as exc:
-                    broken, ok, died = True, False, True
-                    payload = f"worker died: {_describe(exc)}"
-                out = settle(i, ok, payload, died)
-                if out is not None:
-                    yield out
+                    finished.append((i, ok, payload))
+                except BrokenProcessPool:
+                    broken = True
+                    finished.append((i, False, None))
             if broken:
-                log.warning("a worker process died; starting a new pool")
+                # every other in-flight item fails with the pool: collect them too
+                for fut, i in list(running.items()):
+                    try:
+                        ok, payload = fut.result()
+                        finished.append((i, ok, payload))
+                    except BrokenProcessPool:
+                        finished.append((i, False, None))
+                running.clear()
                 pool.shutdown(wait=True, cancel_futures=True)
                 pool = ProcessPoolExecutor(workers, mp_context=ctx)
+                lost = [i for i, ok, payload in finished if not ok and payload is None]
+                log.warning("a worker process died while running items %s; new pool", lost)
+            for i, ok, payload in finished:
+                if payload is None and not ok:  # lost with the pool
+                    if len(lost) > 1:
+                        tries[i] -= 1  # culprit unknown: not charged, re-run alone
+                        suspects.append(i)
+                        continue
+                    payload = "worker died: the process running this item exited"
+                    out = settle(i, False, payload, True)
+                else:
+                    out = settle(i, ok, payload, False)
+                if out is not None:
+                    yield out
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -268,7 +295,7 @@ def _run_ray(
     env: Mapping[str, str] | None,
 ) -> Iterator[Outcome[T]]:
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError
+    from ray.exceptions import RayActorError, RayError
 
     started = _ray_start(ray_address, workers)
     actor_cls: Any = ray.remote(num_cpus=cpus_per_worker, max_restarts=0, max_task_retries=0)(
@@ -280,20 +307,29 @@ def _run_ray(
     actors: list[Any] = []
     running: dict[Any, tuple[int, int, float]] = {}  # ref -> (item, actor slot, start time)
     timed_out: set[Any] = set()
+    startup_timeout = 600.0  # loading a model on a busy node can be slow, but not forever
     restarts = 0
     max_restarts = workers + len(items) * (max_retries + 1)  # every try may kill a worker
 
-    def spawn(n: int) -> list[Any]:
-        """n ready actors (each has loaded its worker); all start loading at once."""
-        new = [actor_cls.remote(fn_ref, dict(env) if env else None) for _ in range(n)]
+    starting: dict[Any, tuple[int, float]] = {}  # ready() ref -> (actor slot, start time)
+
+    def start(slot: int) -> None:
+        """A new actor in ``slot``; it takes items once its ``ready()`` (worker loaded) returns."""
+        actor = actor_cls.remote(fn_ref, dict(env) if env else None)
+        if slot < len(actors):
+            actors[slot] = actor
+        else:
+            actors.append(actor)
+        starting[actor.ready.remote()] = (slot, time.monotonic())
+
+    def started_ok(ref: Any) -> int:
+        slot, _ = starting.pop(ref)
         try:
-            ray.get([a.ready.remote() for a in new], timeout=600)
-        except (RayActorError, GetTimeoutError) as exc:
-            for a in new:
-                ray.kill(a)
+            ray.get(ref)
+        except RayError as exc:
             cause = getattr(exc, "error_msg", "") or str(exc)
             raise WorkerInitError(f"Ray worker could not start: {cause[:800]}") from None
-        return new
+        return slot
 
     def submit(slot: int) -> None:
         i = queue.popleft()
@@ -309,12 +345,19 @@ def _run_ray(
         return None
 
     try:
-        actors = spawn(min(workers, len(items)))
-        idle = list(range(len(actors)))
+        for slot in range(min(workers, len(items))):
+            start(slot)
+        idle: list[int] = []
         while queue or running:
             while queue and idle:
                 submit(idle.pop())
-            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            done, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
+            for ref in [r for r in done if r in starting]:
+                idle.append(started_ok(ref))
+            done = [r for r in done if r in running]
+            for _ref, (_, t0) in starting.items():
+                if time.monotonic() - t0 > startup_timeout:
+                    raise WorkerInitError(f"a Ray worker did not start within {startup_timeout} s")
             if item_timeout is not None:
                 now = time.monotonic()
                 for ref, (i, slot, t0) in running.items():
@@ -339,8 +382,7 @@ def _run_ray(
                     if restarts > max_restarts:
                         raise RuntimeError("Ray workers keep dying; giving up") from exc
                     ray.kill(actors[slot])
-                    actors[slot] = spawn(1)[0]
-                    idle.append(slot)
+                    start(slot)
                     continue
                 except RayError as exc:  # object lost, owner died...: retried like a crash
                     ok, payload = False, f"ray error: {_describe(exc)}"
