@@ -327,7 +327,10 @@ class DefectNet(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["runtime"] = None  # the ONNX graph is rebuilt from the weights after loading
+        runtime = state.get("runtime")
+        if runtime is not None and not runtime.int8:
+            state["runtime"] = None  # an fp32 graph is rebuilt from the weights after loading
+        # A static INT8 graph stays: its activation scales come from the fit images.
         return state
 
     def set_bank(self, bank: Tensor) -> None:

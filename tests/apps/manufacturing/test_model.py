@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,9 @@ def test_int8_onnx_detector_runs_int8_kernels_and_saves_its_graph(brick_scenes, 
     loaded = FewShotDetector.load(path)
     assert loaded.int8_kernels  # the saved graph, not a re-export with other scales
     np.testing.assert_allclose(loaded.raw_scores(images), det.raw_scores(images), rtol=0.02)
+    pickled = pickle.loads(pickle.dumps(det))  # how the registry stores the champion
+    assert pickled.int8_kernels
+    np.testing.assert_allclose(pickled.raw_scores(images), det.raw_scores(images), rtol=1e-5)
     y = [s.defect_type is not None for s in test]
     assert roc_auc_score(y, det.raw_scores(images)) >= 0.9
     fp32 = FewShotDetector(engine="onnx", int8=False, bank_size=1024).fit(shots)
