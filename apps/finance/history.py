@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.attention import SparseEncoder, SparseEncoderConfig
@@ -132,9 +133,8 @@ class CardHistoryModel(nn.Module):
         self.pool = nn.Linear(2 * cfg.dim, cfg.dim)
         self.empty = nn.Parameter(torch.zeros(cfg.dim))  # context of a card without history
         self.cur_proj = nn.Linear(N_TOKEN, cfg.dim)
-        self.head = nn.Sequential(
-            nn.Linear(2 * cfg.dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, 1)
-        )
+        self.head_in = nn.Linear(2 * cfg.dim, cfg.dim)
+        self.head_out = nn.Linear(cfg.dim, 1)
 
     def encode(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Context vectors (B, dim) of right-aligned histories (B, L, N_TOKEN + 1)."""
@@ -149,7 +149,8 @@ class CardHistoryModel(nn.Module):
 
     def score(self, context: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """Fraud logits (B,) of current tokens (B, N_TOKEN) given their cards' contexts."""
-        return self.head(torch.cat([context, self.cur_proj(current)], dim=-1)).squeeze(-1)
+        z = self.head_in(torch.cat([context, self.cur_proj(current)], dim=-1))  # (B, dim)
+        return self.head_out(F.gelu(z, approximate="tanh")).squeeze(-1)  # (B,)
 
     def forward(
         self, tokens: torch.Tensor, mask: torch.Tensor, current: torch.Tensor
@@ -346,8 +347,8 @@ class CardHistory:
         m = self.model
         g = lambda p: p.detach().cpu().numpy().astype(np.float64)  # noqa: E731
         self._cur_w, self._cur_b = g(m.cur_proj.weight), g(m.cur_proj.bias)
-        self._h1_w, self._h1_b = g(m.head[0].weight), g(m.head[0].bias)
-        self._h2_w, self._h2_b = g(m.head[2].weight)[0], float(m.head[2].bias.item())
+        self._h1_w, self._h1_b = g(m.head_in.weight), g(m.head_in.bias)
+        self._h2_w, self._h2_b = g(m.head_out.weight)[0], float(m.head_out.bias.item())
         with torch.inference_mode():
             self._empty = torch.tanh(m.empty).cpu().numpy().astype(np.float64)
 
