@@ -270,6 +270,7 @@ def replay(
             base_threshold=base_threshold,
         )
         ablated: dict[str, Any] | None = None
+        trained_report: dict[str, Any] = {}
         if ablation:
             if history is not None:
                 raise UserError("--ablation does not take --warm-start")
@@ -288,9 +289,10 @@ def replay(
         else:
             data = evaluation.prepare(df, columns, passthrough)
             if source == "train":
-                hist = _train_for_replay(
+                trained = _train_for_replay(
                     data, config, eval_start, eval_weeks, cutoff, history_epochs
                 )
+                hist, trained_report = trained.model, trained.report
             data, result, ev = evaluation.run_replay(
                 data,
                 config=config,
@@ -309,12 +311,28 @@ def replay(
         rep["ablation"] = ablated
     if mlflow:
         rep["mlflow"] = evaluation.log_to_mlflow(rep, result.scorer, run_name=run_name)
+        if source == "train" and result.scorer.history is not None:
+            rep["mlflow"]["history"] = _log_trained_history(
+                result.scorer.history.model,
+                ablated["history_training"] if ablated is not None else trained_report,
+            )
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(rep, indent=2, default=str))
     if scores_out is not None:
         simulator.write(evaluation.scores_frame(data, result), scores_out)
     _print_report(rep, json_out)
+
+
+def _log_trained_history(model: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """Log and register a history model trained by ``replay --history-model train``."""
+    import tempfile
+
+    from apps.finance.history import TrainedHistory, log_history_model
+
+    clean = {k: v for k, v in report.items() if k != "source"}
+    with tempfile.TemporaryDirectory() as tmp:
+        return log_history_model(TrainedHistory(model, clean), tmp, run_name="fraud-history-replay")
 
 
 def _date_ts(value: str, option: str) -> float:
@@ -335,7 +353,8 @@ def _train_for_replay(
     cutoff: float | None,
     epochs: int,
 ) -> Any:
-    """``--history-model train``: a card-history model from this file, before its evaluation."""
+    """``--history-model train``: a card-history model from this file, before its evaluation
+    (a :class:`apps.finance.history.TrainedHistory`)."""
     from apps.finance import evaluation
     from apps.finance.history import default_cutoff, train_history
     from core.streaming import parse_span
@@ -347,7 +366,7 @@ def _train_for_replay(
     if cut > periods[0][0]:
         raise UserError("--history-cutoff must not be after the evaluation start")
     delay = parse_span(config.features.label_delay)
-    return train_history(data, cut, delay, epochs=epochs).model
+    return train_history(data, cut, delay, epochs=epochs)
 
 
 @app.command("train-history")
@@ -469,6 +488,8 @@ def _print_report(rep: dict[str, Any], json_out: Path | None) -> None:
             f"MLflow run {m['run_id']}; model {m.get('model_name')} v{m.get('model_version')} "
             "-> alias champion"
         )
+        if "history" in m:
+            console.print(f"history model registered: {m['history']['uri']}")
     if json_out is not None:
         console.print(f"report written to {json_out}")
 

@@ -208,10 +208,11 @@ def test_demo_step_replays_a_small_world(tmp_path: Path, mlflow_store: str) -> N
 
 
 def test_train_history_then_serve_it_and_ablate(
-    simulated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    simulated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
 ) -> None:
     """`vigil fraud train-history` → a save_pretrained folder → `replay --history-model DIR`;
-    `replay --history-model train --ablation` reports both arms from one command."""
+    `replay --history-model train --ablation` reports both arms from one command and
+    registers the history model it trained."""
     import torch
 
     n = torch.get_num_threads()
@@ -226,9 +227,12 @@ def test_train_history_then_serve_it_and_ablate(
     rep = json.loads(out.read_text())
     assert rep["history_model"] == str(folder) and rep["scorer"]["history_cards"] > 100
     out = tmp_path / "ablation.json"
-    args = [*base, "--history-model", "train", "--ablation", "--history-cutoff", "2018-04-15"]
-    assert _main([*args, "--history-epochs", "1", "--json", str(out)], monkeypatch) == 0
-    ab = json.loads(out.read_text())["ablation"]
+    args = [*base[:-2], "--no-progress", "--history-model", "train", "--ablation"]
+    args += ["--history-cutoff", "2018-04-15", "--history-epochs", "1", "--json", str(out)]
+    assert _main(args, monkeypatch) == 0
+    rep = json.loads(out.read_text())
+    assert rep["mlflow"]["history"]["model_name"] == "vigil-fraud-history"
+    ab = rep["ablation"]
     for arm in ("without_history", "with_history"):
         assert {"auc", "ap", "cp_at_100"} <= set(ab[arm]) and ab[arm]["latency"]["p99_ms"] > 0
         assert ab[arm]["scenarios"]  # per fraud scenario (account takeover on larger files)
