@@ -1,4 +1,5 @@
-"""`vigil fraud ...` commands (thin shells over apps/finance): simulate, replay; demo step."""
+"""`vigil fraud ...` commands (thin shells over apps/finance): simulate, replay, train-history;
+demo step."""
 
 from __future__ import annotations
 
