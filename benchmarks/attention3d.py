@@ -43,6 +43,7 @@ FULL_SIZES = [16, 24, 32, 48]
 QUICK_SIZES = [8, 12]
 NAIVE_LIMIT_BYTES = 8e9  # "more than 8 GB", decimal
 MONAI_MAX_SIZE = 32
+SLOW = ("naive", "monai", "vigil_full")  # O(N²): seconds per call from 24³ on
 SPEEDUP_GOAL, MEMORY_GOAL, GOAL_AT = 10.0, 100.0, 24
 MS_GOAL, MS_GOAL_AT = 100.0, 32
 
@@ -121,7 +122,7 @@ def _memory_main(method: str, sizes: list[int]) -> dict[str, float]:
 def _reps(method: str, size: int, quick: bool) -> int:
     if quick:
         return 2
-    if method in ("naive", "monai", "vigil_full"):
+    if method in SLOW:
         return 3 if size <= 24 else 1  # seconds to a minute per call
     return 9
 
@@ -143,6 +144,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 ms = interleaved_ms(
                     {m: partial(blocks[m], x) for m in run_now},
                     {m: _reps(m, s, quick) for m in run_now},
+                    no_warmup=[m for m in SLOW if s >= 24],
                 )
                 row: dict[str, Any] = {"positions": s**3}
                 row["vigil_mode"] = blocks["vigil"].resolve_mode((s, s, s))  # type: ignore[operator]
@@ -203,7 +205,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             "dtype": "float32",
             "threads": THREADS,
             "timing": (
-                "median (and min) wall ms, inference, one warm-up, methods interleaved in "
+                "median (and min) wall ms, inference, one warm-up (none for the O(N²) "
+                "baselines from 24³ on), methods interleaved in "
                 "rotating order; <m>_cpu_ms: median process CPU ms per call, all threads"
             ),
             "memory": MEMORY_METHOD_QUICK if quick else MEMORY_METHOD,

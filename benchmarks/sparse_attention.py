@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -198,7 +198,7 @@ def _memory_main(method: str, sizes: list[int]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------ timing
 def interleaved_ms(
-    fns: dict[str, Callable[[], Any]], reps: dict[str, int]
+    fns: dict[str, Callable[[], Any]], reps: dict[str, int], no_warmup: Collection[str] = ()
 ) -> dict[str, dict[str, float]]:
     """Median and min wall ms, and median CPU ms, per function; calls interleaved round-robin
     after one warm-up.
@@ -207,10 +207,13 @@ def interleaved_ms(
     order rotates every round so no function always runs right after the same other one. CPU
     ms is this process's CPU time per call summed over its threads: unlike wall time it does
     not grow while the process waits for a core, so on a loaded machine it shows what the
-    work itself costs (it does include threads spinning at a barrier).
+    work itself costs (it does include threads spinning at a barrier). ``no_warmup`` names
+    functions whose calls take seconds: kernels are already loaded by earlier, smaller runs and
+    a warm-up would only double the bench's time.
     """
-    for fn in fns.values():
-        fn()
+    for name, fn in fns.items():
+        if name not in no_warmup:
+            fn()
     names = list(fns)
     wall: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
@@ -283,7 +286,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 x = torch.randn(1, L, DIM)
                 fns = {name: partial(fn, x) for name, fn in methods.items()}
                 reps = {name: _reps(L, name != "vigil", quick) for name in methods}
-                ms = interleaved_ms(fns, reps)
+                slow = ("sdpa",) if L >= 16384 else ()  # seconds per call
+                ms = interleaved_ms(fns, reps, no_warmup=slow)
                 row: dict[str, Any] = {f"{k}_ms": round(v["median"], 2) for k, v in ms.items()}
                 row.update({f"{k}_min_ms": round(v["min"], 2) for k, v in ms.items()})
                 row.update({f"{k}_cpu_ms": round(v["cpu_median"], 2) for k, v in ms.items()})
@@ -347,7 +351,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             "dtype": "float32",
             "threads": THREADS,
             "timing": (
-                "median (and min) wall ms, inference, one warm-up, methods interleaved in "
+                "median (and min) wall ms, inference, one warm-up (none for sdpa at >= 16k), "
+                "methods interleaved in "
                 "rotating order; <m>_cpu_ms: median process CPU ms per call, all threads"
             ),
             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
