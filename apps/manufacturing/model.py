@@ -17,7 +17,8 @@ Reads top to bottom:
 * :class:`FewShotDetector` — the wrapper that fits a :class:`DefectNet` from a few images:
   memory bank (greedy coreset), leave-one-out validation scores, threshold (F1-adaptive with
   labelled defects, a quantile of normal scores otherwise; normalised so it sits at 0.5),
-  defect-type prototypes; save/load (INT8 via :mod:`core.quantization`).
+  defect-type prototypes; save/load (INT8 via :mod:`core.quantization`: packed INT8 weights,
+  and ONNX Runtime static INT8 kernels for trunk + neck).
 """
 
 from __future__ import annotations
@@ -569,8 +570,10 @@ class FewShotDetector:
         sensitivity: 0..1 knob on the normalised score: an image is a defect when
             ``score ≥ 1 - sensitivity`` (0.5 = the calibrated threshold).
         sigma: anomaly-map smoothing in pixels.
-        int8: run (and save) the network with INT8 conv weights; the network is quantized
-            *before* the memory bank is built, so bank and queries come from the same weights.
+        int8: INT8 network, quantized *before* the memory bank is built, so bank and queries
+            come from the same network. With ONNX Runtime, trunk + neck run static INT8 kernels
+            (activation scales calibrated on up to 16 normal shots; the graph is saved with the
+            model); with eager torch, INT8 weights dequantized to fp32 (smaller, not faster).
         engine: where trunk + neck run: ``"onnx"`` (ONNX Runtime), ``"torch"`` (eager), or
             ``"auto"`` (ONNX Runtime when installed).
         seed: seeds the coreset and sampling.
