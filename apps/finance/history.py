@@ -353,9 +353,8 @@ class CardHistory:
             self._empty = torch.tanh(m.empty).cpu().numpy().astype(np.float64)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith(("_cur", "_h", "_em"))}
-        state["_dirty"] = self._dirty
-        return state
+        # the numpy copies of the head are rebuilt from the model on load
+        return {k: v for k, v in self.__dict__.items() if not k.startswith(("_cur", "_h", "_em"))}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
