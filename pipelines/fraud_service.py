@@ -102,6 +102,13 @@ def serve(
             "caught up (-1: forever, exact replays; feeds without watermarks need >= 0)."
         ),
     ] = 2.0,
+    fetch_wait_ms: Annotated[
+        int,
+        typer.Option(
+            help="Longest the broker may hold an empty fetch (ms): lower = lower latency on a "
+            "broker that waits it out, more requests when idle."
+        ),
+    ] = 20,
     max_idle: Annotated[
         float, typer.Option(help="Stop after S seconds without input (0: never).")
     ] = 0.0,
@@ -126,6 +133,8 @@ def serve(
 
         if model not in MODELS:
             raise ValueError(f"--model must be one of {MODELS}, got {model!r}")
+        if not 0 <= fetch_wait_ms <= 10_000:
+            raise ValueError(f"--fetch-wait-ms must be in 0..10000, got {fetch_wait_ms}")
     except ValueError as exc:
         raise UserError(str(exc)) from None
     folder = checkpoint_dir or get_settings().home / "fraud" / "checkpoints" / group_id
@@ -142,6 +151,7 @@ def serve(
                 mlflow_every_s=mlflow_every if mlflow_every > 0 else None,
                 warm_start=warm_start,
                 label_wait_s=None if label_wait < 0 else label_wait,
+                fetch_wait_ms=fetch_wait_ms,
                 idle_exit_s=max_idle if max_idle > 0 else None,
                 scorer=scorer_cfg,
             )

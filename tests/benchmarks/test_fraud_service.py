@@ -21,6 +21,8 @@ def test_quick_bench_reports_both_sides_and_targets() -> None:
     assert out["latency"]["received"] == out["latency"]["sent"] == 1000
     floor = out["passthrough_latency"]
     assert floor["received"] == floor["sent"] == 1000 and 0 < floor["p50_ms"] <= floor["p99_ms"]
+    assert out["client"].startswith("kafka-python") and isinstance(out["crc32c_native"], bool)
+    assert out["fetch_wait_ms_latency"] > 0 and len(out["loadavg_1m"]) == 2
     t = out["targets"]
     assert t["ratio"]["met"] == (out["ratio"] >= 0.5)
     assert t["p99_ms"]["value"] == out["p99_ms"]

@@ -32,6 +32,7 @@ def test_produce_rejects_bad_arguments(kwargs: dict[str, object], match: str) ->
         ({"model": "nope"}, "model"),
         ({"label_delay": "-"}, "label-delay"),
         ({"alerts_per_day": 0.0}, "alerts_per_day"),
+        ({"fetch_wait_ms": -1}, "fetch-wait-ms"),
     ],
 )
 def test_serve_rejects_bad_arguments(kwargs: dict[str, object], match: str) -> None:
