@@ -12,6 +12,12 @@ residual with a learnable gain starting at 0) materialised an N×N matrix (N = D
 
 ``auto`` takes ``full`` up to ``full_max_positions`` positions and ``window`` above, unless the
 map is so thin that padding it to whole windows would more than double it; then ``axial``.
+
+Full and window attention work channel-first, one sample and one ``window``-deep slab at a
+time: the 1×1×1 convolutions are GEMMs that read the (C, positions) slab transposed in place,
+the only layout copy is the window partition of the C input channels, and the residual is
+written straight into the result. Scratch memory is one slab's q/k/v; time is dominated by
+SDPA itself (about two thirds at 32³, measured).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ _MODES = ("auto", "full", "window", "axial")
 
 
 class Attention3D(nn.Module):
-    """Residual multi-head self-attention block for volumes; output shape equals input shape.
+    """Residual multi-head self-attention block for volumes; the output has the input's shape
+    and memory format (NCDHW or ``channels_last_3d``).
 
     Args:
         channels: feature channels C; must be divisible by ``heads``.
