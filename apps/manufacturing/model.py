@@ -915,7 +915,9 @@ class FewShotDetector:
     @classmethod
     def load(cls, path: str | Path, engine: str | None = None) -> FewShotDetector:
         """Restore a detector written by :meth:`save` (INT8 weights are dequantized once);
-        ``engine`` overrides the saved one."""
+        ``engine`` overrides the saved one. An INT8 detector fitted on ONNX Runtime runs its
+        saved static INT8 graph; loaded with ``engine="torch"`` it runs the INT8 weights in
+        fp32 instead, whose embeddings differ slightly from the bank's (cosine ≈ 0.99)."""
         from core.quantization import decompress, load_compressed, read_header
 
         header = read_header(path)
