@@ -262,10 +262,28 @@ class _RayWorker:
         return _try(self.fn, item)
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a ``host:port`` nobody answers on: ``ray.init`` would retry for minutes."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"cannot join the Ray cluster at {address}: nothing answers there ({exc})"
+        ) from None
+
+
 def _ray_start(ray_address: str | None, workers: int) -> bool:
     """Connect to or start Ray; True when this call started it (so it must shut it down)."""
     import ray
 
+    if ray_address:
+        _check_reachable(ray_address)
     if ray.is_initialized():
         return False
     if ray_address:

@@ -175,6 +175,20 @@ def test_closing_early_stops_cleanly(tmp_path: Path) -> None:
     gen.close()  # what an interrupted caller does; must not hang or raise
 
 
+def test_an_unreachable_ray_address_fails_fast(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match="nothing answers"):
+        list(
+            run_items(
+                [("ok", 1)],
+                partial(_make_worker, tmp_path),
+                engine="ray",
+                ray_address="127.0.0.1:1",
+            )
+        )
+    assert time.monotonic() - t0 < 30  # ray.init alone would retry for minutes
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
     mk = partial(_make_worker, tmp_path)
     with pytest.raises(ValueError, match="engine"):
