@@ -207,6 +207,7 @@ def test_demo_step_replays_a_small_world(tmp_path: Path, mlflow_store: str) -> N
     )
 
 
+@pytest.mark.integration
 def test_train_history_then_serve_it_and_ablate(
     simulated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
 ) -> None:
