@@ -8,11 +8,14 @@
 * **Follow-up accuracy** with and without text (ablation): the Fleischner/Lung-RADS code from the
   report vs the rules applied to truth nodules and truth risk.
 * **Field accuracy** on matched findings: type, lobe, size error.
+* **Seconds per study**: volume build + detector + text + rules (the analysis a batch job runs
+  per study, without writing the report files), mean over the studies.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,7 +147,9 @@ def evaluate_export(
     lr_ok = fu_text_ok = fu_img_ok = 0
     matched: list[tuple[dict[str, Any], dict[str, Any]]] = []
     n_eval = 0
+    seconds: list[float] = []
     for n, study in enumerate(studies, 1):
+        t0 = time.perf_counter()
         truth = truths[study.uid]
         vols = load_study_volumes(study, spacing=(sp, sp, sp))
         if not vols:
@@ -163,6 +168,7 @@ def evaluate_export(
         rep_i = service.report_from_findings(
             found, rules.Risk(), study_key=study.key, use_text=False
         )
+        seconds.append(time.perf_counter() - t0)
         t_nods, t_risk = truth_nodules(truth), truth_risk(truth)
         lr_true = rules.lungrads(t_nods).category
         fu_true = rules.fleischner(t_nods, t_risk).code
@@ -181,6 +187,7 @@ def evaluate_export(
                 "follow_up_text": rep_t.follow_up.code,
                 "follow_up_image_only": rep_i.follow_up.code,
                 "follow_up_truth": fu_true,
+                "seconds": round(seconds[-1], 3),
             }
         )
         if progress is not None:
@@ -211,5 +218,6 @@ def evaluate_export(
         "follow_up_accuracy_text": round(fu_text_ok / k, 4),
         "follow_up_accuracy_image_only": round(fu_img_ok / k, 4),
         "fields": fields,
+        "seconds_per_study": round(float(np.mean(seconds)), 3) if seconds else None,
         "per_study": per_study,
     }

@@ -80,20 +80,18 @@ class NoduleDetector(nn.Module):
         c0, c1, c2 = (int(c) for c in channels)
         self.channels, self.heads, self.spacing_mm = (c0, c1, c2), heads, float(spacing_mm)
         norm = "batch"  # running stats: crops in training, whole volumes at inference agree
+        # Cost sits at stride 2 (one c1 conv per stage there); depth goes to stride 4, where a
+        # voxel costs 1/8 as much. Full-resolution work is one Cin=1 conv (4 mm nodules are 2
+        # voxels at 2 mm: the stem must see them before any striding).
         self.stem = Convolution(3, 1, c0, strides=1, kernel_size=3, norm=norm, act="relu")
-        self.down1 = ResidualUnit(
-            3, c0, c1, strides=2, kernel_size=3, subunits=2, norm=norm, act="relu"
-        )
-        self.down2 = ResidualUnit(
-            3, c1, c2, strides=2, kernel_size=3, subunits=2, norm=norm, act="relu"
-        )
+        self.down1 = Convolution(3, c0, c1, strides=2, kernel_size=3, norm=norm, act="relu")
+        self.enc1 = ResidualUnit(3, c1, c1, strides=1, kernel_size=3, subunits=1, norm=norm)
+        self.down2 = Convolution(3, c1, c2, strides=2, kernel_size=3, norm=norm, act="relu")
+        self.enc2 = ResidualUnit(3, c2, c2, strides=1, kernel_size=3, subunits=2, norm=norm)
         self.attn: nn.Module = Attention3D(c2, heads=heads) if attention else nn.Identity()
-        self.up = ResidualUnit(
-            3, c2 + c1, c1, strides=1, kernel_size=3, subunits=1, norm=norm, act="relu"
-        )
-        self.head = nn.Sequential(
-            nn.Conv3d(c1, c1, 3, padding=1), nn.ReLU(inplace=True), nn.Conv3d(c1, 9, 1)
-        )
+        self.lateral = nn.Conv3d(c2, c1, kernel_size=1)  # at stride 4, before upsampling
+        self.dec = ResidualUnit(3, c1, c1, strides=1, kernel_size=3, subunits=1, norm=norm)
+        self.head = nn.Sequential(nn.Conv3d(c1, c1, 1), nn.ReLU(inplace=True), nn.Conv3d(c1, 9, 1))
         with torch.no_grad():  # CenterNet prior: start with p(centre) ~ 0.01
             self.head[-1].bias.zero_()
             self.head[-1].bias[0] = -math.log((1 - 0.01) / 0.01)
@@ -103,11 +101,12 @@ class NoduleDetector(nn.Module):
             raise ValueError(f"expected (B, 1, X, Y, Z), got {tuple(x.shape)}")
         if any(s % 4 for s in x.shape[2:]):
             raise ValueError(f"spatial size must be a multiple of 4, got {tuple(x.shape[2:])}")
-        f0 = self.stem(x)  # (B, c0, X, Y, Z)
-        f1 = self.down1(f0)  # (B, c1, X/2, Y/2, Z/2)
-        f2 = self.attn(self.down2(f1))  # (B, c2, X/4, Y/4, Z/4): long-range context
-        up = F.interpolate(f2, size=f1.shape[2:], mode="trilinear", align_corners=False)
-        h = self.head(self.up(torch.cat([up, f1], dim=1)))  # (B, 9, X/2, Y/2, Z/2)
+        f1 = self.enc1(self.down1(self.stem(x)))  # (B, c1, X/2, Y/2, Z/2)
+        f2 = self.attn(self.enc2(self.down2(f1)))  # (B, c2, X/4, Y/4, Z/4): long-range context
+        up = F.interpolate(
+            self.lateral(f2), size=f1.shape[2:], mode="trilinear", align_corners=False
+        )
+        h = self.head(self.dec(f1 + up)).float()  # (B, 9, X/2, Y/2, Z/2); fp32 under autocast
         return DetectorOutput(
             heatmap_logits=h[:, 0:1],
             offset=torch.sigmoid(h[:, 1:4]),

@@ -8,7 +8,7 @@ Schema ``vigil.medical.report/1`` (:data:`REPORT_JSON_SCHEMA` is the machine-rea
 - ``findings[]``: ``id``, ``center_mm`` (DICOM patient LPS), ``diameter_mm`` (Lung-RADS size:
   mean of long and short axis, 0.1 mm), ``type`` (solid | part-solid | ground-glass),
   ``solid_component_mm``, ``confidence`` (0..1), ``lobe``, ``lung_rads``, ``lung_rads_rule``,
-  ``differential[]``;
+  ``differential[]``, ``calcified`` (dense core measured on the image) and ``core_hu``;
 - ``lung_rads``: ``category``, ``rule``, ``management``, ``finding_id``;
 - ``follow_up``: ``guideline``, ``code``, ``recommendation``, ``rule``, ``interval_months``,
   ``finding_id``;
@@ -81,6 +81,8 @@ _FINDING = {
         "lobe": {"type": "string"},
         "lung_rads": {"type": "string"},
         "differential": {"type": "array", "items": {"type": "string"}},
+        "calcified": {"type": "boolean"},
+        "core_hu": {"type": ["number", "null"]},
     },
 }
 REPORT_JSON_SCHEMA: dict[str, Any] = {
@@ -150,9 +152,16 @@ def _sentences(rep: StudyReport) -> list[dict[str, Any]]:
             if f.type == "part-solid" and f.solid_component_mm
             else ""
         )
+        calc = (
+            f", calcified (core {f.core_hu:.0f} HU)"
+            if f.calcified and f.core_hu is not None
+            else ", calcified"
+            if f.calcified
+            else ""
+        )
         say(
             "findings",
-            f"{f.id}: {f.diameter_mm:.1f} mm {f.type} nodule{solid} in the "
+            f"{f.id}: {f.diameter_mm:.1f} mm {f.type} nodule{solid}{calc} in the "
             f"{LOBE_NAMES.get(f.lobe, f.lobe)} (confidence {f.confidence:.2f}).",
             [f.id],
             "detector measurement",
@@ -212,6 +221,8 @@ def report_dict(rep: StudyReport, deid: Deidentifier | None = None) -> dict[str,
                 "lung_rads": f.lung_rads,
                 "lung_rads_rule": f.lung_rads_rule,
                 "differential": f.differential,
+                "calcified": f.calcified,
+                "core_hu": f.core_hu,
             }
             for f in rep.findings
         ],

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from apps.medical.model import NoduleDetector, decode, preprocess
+from apps.medical.model import DetectorOutput, NoduleDetector, decode, preprocess
 from apps.medical.rules import FollowUp, IcdCode, LungRads, Nodule, Risk
 
 if TYPE_CHECKING:
@@ -26,6 +26,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MODEL_FORMAT = "vigil.medical.detector/1"
+# A nodule core denser than this is calcified (soft tissue ~ 0-100 HU, calcium >= 200 HU even
+# after partial-volume averaging at 2 mm). Lung-RADS: benign calcification pattern -> category 1.
+CALCIFIED_HU = 180.0
+
+
+def core_hu(hu: np.ndarray, voxel: np.ndarray) -> float:
+    """Densest HU among the voxel nearest ``voxel`` and its 6 face neighbours: the core of a
+    nodule a few voxels wide, never the wall or rib behind it (those are >= 2 voxels out)."""
+    c = np.clip(np.round(voxel).astype(int), 0, np.array(hu.shape) - 1)
+    best = -np.inf
+    for d in ((0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)):
+        q = np.clip(c + np.array(d), 0, np.array(hu.shape) - 1)
+        best = max(best, float(hu[tuple(q)]))
+    return best
 
 
 @dataclass
@@ -43,6 +57,8 @@ class Finding:
     lung_rads_rule: str
     differential: list[str]
     voxel: list[float]  # in the analysed volume (for key images)
+    calcified: bool = False  # measured: dense (calcium) core, see CALCIFIED_HU
+    core_hu: float | None = None  # the measurement behind ``calcified``
 
 
 @dataclass
@@ -94,7 +110,10 @@ def _lung_mask(hu: np.ndarray, margin_vox: int = 5) -> np.ndarray:
     ``margin_vox`` so juxtapleural nodules (which merge with the chest wall) stay inside."""
     from scipy import ndimage
 
-    body = ndimage.binary_fill_holes(hu > -500)
+    # body filled slice by slice: in 3D the airway opens the lungs to the outside air wherever
+    # the trachea leaves the scanned range, and a 3D fill would then leave the lungs out
+    dense = hu > -500
+    body = np.stack([ndimage.binary_fill_holes(dense[:, :, k]) for k in range(hu.shape[2])], -1)
     lungs = (hu < -400) & body
     lab, n = ndimage.label(lungs)
     if n == 0:
@@ -132,6 +151,8 @@ class MedicalService:
         threshold: minimum heat-map confidence of a reported nodule.
         min_diameter_mm: smallest reported nodule.
         use_encoder: use MiniLM for sentences the text rules do not understand.
+        bf16: run the detector under bf16 autocast in oneDNN's channels-last layout (``None``:
+            where the CPU has native bf16, as training does).
     """
 
     def __init__(
@@ -141,6 +162,7 @@ class MedicalService:
         threshold: float = 0.3,
         min_diameter_mm: float = 3.0,
         use_encoder: bool = True,
+        bf16: bool | None = None,
     ) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -155,6 +177,11 @@ class MedicalService:
         self.threshold = threshold
         self.min_diameter_mm = min_diameter_mm
         self.use_encoder = use_encoder
+        if bf16 is None:
+            from apps.medical.train import native_bf16
+
+            bf16 = native_bf16()
+        self.bf16 = bf16
         self._encoder: ClinicalTextEncoder | None = None
 
     # ------------------------------------------------------------------ loading
@@ -228,7 +255,7 @@ class MedicalService:
         if not np.allclose(volume.spacing, (sp, sp, sp), atol=1e-3):
             raise ValueError(f"volume spacing {volume.spacing} != model spacing {sp} mm")
         x = preprocess(volume.array)  # (1, 1, X', Y', Z') padded to a multiple of 4
-        out = self.model(x)
+        out = self.infer(x)
         cands = decode(out, threshold=self.threshold, max_candidates=30, spacing_mm=sp)[0]
         X, Y, Z = volume.shape
         heat = out.heatmap[0, 0].numpy()  # (X'/2, Y'/2, Z'/2)
@@ -251,6 +278,7 @@ class MedicalService:
             if not lungs[tuple(v)] or c.diameter_mm < self.min_diameter_mm:
                 continue  # outside the lungs: vessels of the mediastinum, bone, table
             lps = voxel_to_world(volume, np.asarray(c.voxel), space="LPS")
+            dense = core_hu(volume.array, np.asarray(c.voxel))
             found.append(
                 {
                     "center_mm": [round(float(u), 2) for u in lps],
@@ -260,9 +288,20 @@ class MedicalService:
                     "solid_component_mm": c.solid_component_mm,
                     "confidence": c.confidence,
                     "lobe": estimate_lobe(lps, extent),
+                    "calcified": c.type == "solid" and dense >= CALCIFIED_HU,
+                    "core_hu": round(dense, 1),
                 }
             )
         return found, heat
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> DetectorOutput:
+        """Detector forward pass on a preprocessed (B, 1, X, Y, Z) batch."""
+        if not self.bf16:
+            return self.model(x)
+        model = self.model.to(memory_format=torch.channels_last_3d)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x.to(memory_format=torch.channels_last_3d))
 
     def text_risk(self, text: str, use_text: bool = True) -> tuple[Risk, dict[str, str]]:
         from apps.medical.text import extract_risk
@@ -313,6 +352,8 @@ class MedicalService:
                     lung_rads_rule=row,
                     differential=rules.differential(n, risk),
                     voxel=f.get("voxel", [0.0, 0.0, 0.0]),
+                    calcified=n.calcified,
+                    core_hu=f.get("core_hu"),
                 )
             )
         return StudyReport(

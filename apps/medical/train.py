@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from apps.medical.model import TYPES, NoduleDetector, detection_loss, make_targets, preprocess
+from apps.medical.model import (
+    HU_WINDOW,
+    TYPES,
+    NoduleDetector,
+    detection_loss,
+    make_targets,
+    preprocess,
+)
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "vigil-medical-detector"
@@ -32,13 +39,17 @@ class TrainConfig:
     """Training hyper-parameters (the constructor is the config)."""
 
     steps: int = 300
-    batch_size: int = 4
-    crop: int = 48  # voxels per side (multiple of 4)
+    batch_size: int = 8
+    crop: int = 32  # voxels per side (multiple of 4)
     lr: float = 2e-3
     spacing_mm: float = 2.0
-    positive_fraction: float = 0.7
+    positive_fraction: float = 0.5
+    hard_negative_fraction: float = 0.6  # of the negative crops: centred on dense lung voxels
+    mine_at: tuple[float, ...] = (0.4, 0.7)  # fractions of training after which FPs are mined
+    balance_types: bool = True  # positive crops: nodule types drawn ~ 1/sqrt(type frequency)
     channels: tuple[int, int, int] = (16, 32, 64)
     seed: int = 0
+    bf16: bool | None = None  # bf16 autocast; None: where the CPU has native bf16 (AMX/AVX512)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -49,6 +60,21 @@ class TrainConfig:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.positive_fraction <= 1:
             raise ValueError("positive_fraction must be in [0, 1]")
+        if not 0 <= self.hard_negative_fraction <= 1:
+            raise ValueError("hard_negative_fraction must be in [0, 1]")
+        if any(not 0 < f < 1 for f in self.mine_at):
+            raise ValueError("mine_at fractions must be in (0, 1)")
+
+    def use_bf16(self) -> bool:
+        return native_bf16() if self.bf16 is None else self.bf16
+
+
+def native_bf16() -> bool:
+    """Whether bf16 autocast is fast here (oneDNN with native bf16: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @dataclass
@@ -58,6 +84,23 @@ class CaseData:
     key: str
     image: np.ndarray  # (X, Y, Z) float32 in [0, 1]
     nodules: list[dict[str, Any]]
+    hard: np.ndarray | None = None  # (N, 3) voxel centres for hard-negative crops
+    mined: np.ndarray | None = None  # (M, 3) the current model's false positives (mining)
+
+
+def hard_negative_centres(image: np.ndarray, limit: int = 4000, seed: int = 0) -> np.ndarray:
+    """Voxels that look like a nodule to an untrained eye: dense (> -600 HU) and inside the
+    (dilated) lungs — vessels, fissure-adjacent wall, juxtapleural tissue. Negative crops centred
+    here teach the detector what is *not* a nodule (hard-negative sampling, as detection training
+    does for anchors; here at the crop level)."""
+    from apps.medical.service import _lung_mask
+
+    lo, hi = HU_WINDOW
+    hu = image * (hi - lo) + lo
+    idx = np.argwhere((hu > -600.0) & _lung_mask(hu))
+    if len(idx) > limit:
+        idx = idx[np.random.default_rng(seed).choice(len(idx), limit, replace=False)]
+    return idx.astype(np.int32)
 
 
 def nodule_targets(truth: dict[str, Any], affine: np.ndarray) -> list[dict[str, Any]]:
@@ -101,9 +144,11 @@ def load_cases(
     studies = [s for s in scan.studies.values() if s.uid in truths]
     for n, study in enumerate(studies, 1):
         f = cache / f"{study.key}.npz"
+        hard = None
         if f.exists():
             z = np.load(f)
             image, affine = z["image"], z["affine"]
+            hard = z.get("hard")
         else:
             vols = load_study_volumes(study, spacing=(spacing_mm,) * 3)
             if not vols:
@@ -111,9 +156,16 @@ def load_cases(
                 continue
             image = preprocess(vols[0].array)[0, 0].numpy()
             affine = vols[0].affine
-            np.savez_compressed(f, image=image.astype(np.float16), affine=affine)
+        if hard is None:
+            hard = hard_negative_centres(image.astype(np.float32))
+            np.savez_compressed(f, image=image.astype(np.float16), affine=affine, hard=hard)
         cases.append(
-            CaseData(study.key, image.astype(np.float32), nodule_targets(truths[study.uid], affine))
+            CaseData(
+                study.key,
+                image.astype(np.float32),
+                nodule_targets(truths[study.uid], affine),
+                hard,
+            )
         )
         if progress is not None:
             progress(n, len(studies))
@@ -121,13 +173,23 @@ def load_cases(
 
 
 def _crop(
-    case: CaseData, size: int, rng: np.random.Generator, positive: bool
+    case: CaseData, size: int, rng: np.random.Generator, kind: str
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """A (size,)^3 crop (air-padded) and the nodules inside it, shifted to crop coordinates."""
+    """A (size,)^3 crop (air-padded) and the nodules inside it, shifted to crop coordinates.
+
+    ``kind``: ``positive`` (a nodule within the middle third), ``hard`` (centred on a dense lung
+    voxel) or anything else (uniform over the volume)."""
     shape = np.array(case.image.shape)
-    if positive and case.nodules:
-        n = case.nodules[int(rng.integers(len(case.nodules)))]
+    if kind.startswith("positive") and case.nodules:
+        pick = kind.partition(":")[2]  # "positive:<index>" names the nodule
+        n = case.nodules[int(pick) if pick else int(rng.integers(len(case.nodules)))]
         centre = np.array(n["voxel"]) + rng.integers(-size // 3, size // 3 + 1, size=3)
+        start = np.round(centre - size / 2).astype(int)
+    elif kind == "hard" and case.hard is not None and len(case.hard):
+        pool = case.hard
+        if case.mined is not None and len(case.mined) and rng.random() < 0.5:
+            pool = case.mined  # half of the hard crops on the model's own false positives
+        centre = pool[int(rng.integers(len(pool)))] + rng.integers(-2, 3, size=3)
         start = np.round(centre - size / 2).astype(int)
     else:
         start = np.array([int(rng.integers(-4, max(s - size, 0) + 5)) for s in shape])
@@ -171,18 +233,45 @@ def train_detector(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
     )
+    bf16 = cfg.use_bf16()
     model.train()
+    model.to(memory_format=torch.channels_last_3d)  # oneDNN's fast layout for Conv3d on CPU
+    # positives: every nodule of the set, subsolid ones (rarer in LIDC) drawn more often
+    nods_all = [
+        (i, j, n["type_index"]) for i, c in enumerate(cases) for j, n in enumerate(c.nodules)
+    ]
+    counts = np.bincount([t for _, _, t in nods_all], minlength=len(TYPES)) if nods_all else None
+    weights = (
+        np.array([1.0 / math.sqrt(counts[t]) if cfg.balance_types else 1.0 for *_, t in nods_all])
+        if counts is not None
+        else None
+    )
+    mine_steps = {max(1, round(f * cfg.steps)) for f in cfg.mine_at}
     history = []
     for step in range(cfg.steps):
+        if step in mine_steps:
+            mine_false_positives(model, cases, bf16)
+            model.train()
         xs, ts = [], []
         for _ in range(cfg.batch_size):
-            case = cases[int(rng.integers(len(cases)))]
-            img, nods = _crop(case, cfg.crop, rng, bool(rng.random() < cfg.positive_fraction))
+            u = rng.random()
+            neg_cut = (
+                cfg.positive_fraction + (1 - cfg.positive_fraction) * cfg.hard_negative_fraction
+            )
+            if u < cfg.positive_fraction and weights is not None:
+                i, j, _ = nods_all[int(rng.choice(len(nods_all), p=weights / weights.sum()))]
+                case, kind = cases[i], f"positive:{j}"
+            else:
+                case = cases[int(rng.integers(len(cases)))]
+                kind = "hard" if u < neg_cut else "random"
+            img, nods = _crop(case, cfg.crop, rng, kind)
             xs.append(torch.from_numpy(img)[None])
             ts.append(make_targets(img.shape, nods, cfg.spacing_mm))
-        x = torch.stack(xs)  # (B, 1, crop, crop, crop)
+        x = torch.stack(xs).to(memory_format=torch.channels_last_3d)  # (B, 1, crop, crop, crop)
         t = {k: torch.stack([d[k] for d in ts]) for k in ts[0]}
-        losses = detection_loss(model(x), t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        losses = detection_loss(out, t)
         opt.zero_grad()
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -192,8 +281,46 @@ def train_detector(
         history.append(rec)
         if progress is not None:
             progress(step + 1, rec)
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()
     return model, history
+
+
+@torch.no_grad()
+def mine_false_positives(
+    model: NoduleDetector,
+    cases: list[CaseData],
+    bf16: bool,
+    threshold: float = 0.1,
+    max_per_case: int = 30,
+) -> int:
+    """Run the model over every training volume; its peaks that hit no nodule become hard-negative
+    crop centres (``case.mined``) — bootstrapping, as candidate-based nodule detectors do.
+    Returns the number of false positives found."""
+    from apps.medical.model import decode
+
+    model.eval()
+    total = 0
+    for case in cases:
+        img = case.image
+        pad = [(-s) % 4 for s in img.shape]
+        x = torch.from_numpy(np.pad(img, [(0, p) for p in pad]))[None, None]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x.to(memory_format=torch.channels_last_3d))
+        cands = decode(out, threshold=threshold, max_candidates=max_per_case)[0]
+        fps = []
+        for c in cands:
+            v = np.asarray(c.voxel)
+            hit = any(
+                np.linalg.norm(v - np.asarray(n["voxel"])) * model.spacing_mm
+                <= max(n["diameter_mm"] / 2, 4.0)
+                for n in case.nodules
+            )
+            if not hit:
+                fps.append(np.round(v).astype(np.int32))
+        case.mined = np.array(fps, dtype=np.int32).reshape(-1, 3)
+        total += len(fps)
+    log.info("mined %d false positives over %d training volumes", total, len(cases))
+    return total
 
 
 def train_and_log(

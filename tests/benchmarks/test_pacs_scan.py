@@ -16,8 +16,9 @@ def test_quick_bench_reports_targets() -> None:
         and r["monai_loadimage"]["slices_per_s"] > 0
     )
     t = r["targets"]
+    # the ratio comes from the unrounded rates; the reported rates are rounded to 0.1 slice/s
     assert t["throughput_vs_monai"]["value"] == pytest.approx(
-        r["vigil"]["slices_per_s"] / r["monai_loadimage"]["slices_per_s"], rel=0.01
+        r["vigil"]["slices_per_s"] / r["monai_loadimage"]["slices_per_s"], rel=0.05
     )
     assert t["volume_parity_hu"]["met"] is (t["volume_parity_hu"]["value"] <= 1.0)
     assert r["max_abs_diff_hu"] < 1.0  # same output on clean series

@@ -116,3 +116,23 @@ def test_load_from_state_file_and_bad_file(tmp_path: Path, service: MedicalServi
         MedicalService.load(bad)
     with pytest.raises(ValueError, match="threshold"):
         MedicalService(service.model, threshold=2.0)
+
+
+def test_calcified_core_is_measured_and_makes_lung_rads_1(service: MedicalService) -> None:
+    import numpy as np
+
+    from apps.medical.service import CALCIFIED_HU, core_hu
+
+    hu = np.full((12, 12, 12), -850.0, dtype=np.float32)
+    hu[5:8, 5:8, 5:8] = 40.0  # soft-tissue nodule
+    hu[6, 6, 6] = 450.0  # calcium at its core
+    hu[0:2, :, :] = 600.0  # a rib two voxels away from the next probe
+    assert core_hu(hu, np.array([6.3, 5.8, 6.0])) == 450.0  # detected centre a voxel off
+    assert core_hu(hu, np.array([3.0, 6.0, 6.0])) < CALCIFIED_HU  # rib not within one voxel
+    raw = [{"center_mm": [0.0, 0.0, 0.0], "diameter_mm": 9.0, "type": "solid", "confidence": 0.9}]
+    plain = service.report_from_findings(raw, Risk(), study_key="ST-x")
+    calc = service.report_from_findings(
+        [{**raw[0], "calcified": True, "core_hu": 450.0}], Risk(), study_key="ST-x"
+    )
+    assert plain.lung_rads.category == "4A" and calc.lung_rads.category == "1"
+    assert calc.findings[0].calcified and not plain.findings[0].calcified
