@@ -231,14 +231,20 @@ def produce(
         broker.create_topics(bootstrap, ["transactions", "labels"], partitions=partitions)
         with Progress() as progress:
             task = progress.add_task("producing", total=total)
-            counts = publish(
-                interleave(rows, delay_s),
-                bootstrap,
-                rate=None if speed > 0 or rate == 0 else rate,
-                speed=speed if speed > 0 else None,
-                on_sent=lambda n: progress.advance(task, n),
-            )
-    typer.echo(f"sent {counts['transactions']} transactions and {counts['labels']} labels")
+            try:
+                counts = publish(
+                    interleave(rows, delay_s),
+                    bootstrap,
+                    rate=None if speed > 0 or rate == 0 else rate,
+                    speed=speed if speed > 0 else None,
+                    on_sent=lambda n: progress.advance(task, n),
+                )
+            except ValueError as exc:  # e.g. existing topics with different partition counts
+                raise UserError(str(exc)) from None
+    typer.echo(
+        f"sent {counts['transactions']} transactions, {counts['labels']} labels "
+        f"and {counts['watermarks']} label watermarks"
+    )
 
 
 def demo_step_service(ctx: DemoContext) -> dict[str, Any]:

@@ -168,6 +168,8 @@ class FraudService:
         self._raw_producer: Any = None
         self._pending_lat: list[float] = []
         self._out_parts: dict[str, int] = {}
+        self._paused: set[Any] = set()
+        self._resumed = False  # a partition was resumed at least once (see _unstick_fetcher)
         self._futures: list[Any] = []
         # sent but not yet acknowledged: (futures, offsets they complete, input timestamps)
         self._inflight: deque[tuple[list[Any], dict[Any, Any], list[float]]] = deque()
@@ -324,6 +326,9 @@ class FraudService:
                 part = _Part(p, scorer, None, None, token)
                 log.info("partition %d starts fresh", p, extra={"partition": p})
             for tp, off in ((tx_tp, part.tx_next), (lab_tp, part.label_next)):
+                if tp in self._paused:  # a rewind keeps the assignment (and its pauses)
+                    self._consumer.resume(tp)
+                    self._paused.discard(tp)
                 if off is None:
                     self._consumer.seek_to_beginning(tp)
                 else:
@@ -419,6 +424,8 @@ class FraudService:
         last_work = time.monotonic()
         started = time.monotonic()
         while not self._stop.is_set():
+            if self._paused or self._resumed:
+                self._unstick_fetcher()
             batch = consumer.poll(timeout_ms=cfg.poll_ms)
             got = 0
             for tp, records in batch.items():
@@ -684,16 +691,45 @@ class FraudService:
             log.warning("offset commit failed: %s", exc)
 
     def _flow_control(self) -> None:
+        """Pause a partition whose buffer is full; resume it once half of it is drained.
+
+        kafka-python (3.0.12) parks the fetched data of a paused partition and, once it is
+        resumed, hands it back only when no partially read fetch is pending; a drained (empty,
+        falsy) but not cleared pending fetch of a paused partition blocks that for good, and
+        the resumed partitions are never fetched again (reproduced: the bench's scorer stalled
+        20 events short; a small ``max_buffer`` stalls it every time). :meth:`_unstick_fetcher`
+        clears that drained fetch before each poll; the seek on resume restarts the partition's
+        fetch at our own position.
+        """
         from kafka import TopicPartition
 
         t, limit = self.config.topics, self.config.max_buffer
         for p, part in self.parts.items():
             for topic, buf in ((t.transactions, part.tx), (t.labels, part.labels)):
                 tp = TopicPartition(topic, p)
-                if len(buf) >= limit:
+                if len(buf) >= limit and tp not in self._paused:
                     self._consumer.pause(tp)
-                elif len(buf) < limit // 2:
+                    self._paused.add(tp)
+                elif len(buf) < limit // 2 and tp in self._paused:
                     self._consumer.resume(tp)
+                    self._paused.discard(tp)
+                    self._resumed = True
+                    nxt = buf[-1][0].offset + 1 if buf else None
+                    if nxt is None:
+                        nxt = part.tx_next if topic == t.transactions else part.label_next
+                    if nxt is not None:
+                        self._consumer.seek(tp, nxt)
+
+    def _unstick_fetcher(self) -> None:
+        """Clear a drained pending fetch in kafka-python's fetcher (see :meth:`_flow_control`)."""
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        pending = getattr(fetcher, "_next_partition_records", None)
+        if (
+            pending is not None
+            and not pending
+            and getattr(fetcher, "_paused_partition_records", None)
+        ):
+            fetcher._next_partition_records = None  # type: ignore[union-attr]
 
     def _update_lag(self) -> None:
         from kafka import TopicPartition
