@@ -290,7 +290,19 @@ def _ray_start(ray_address: str | None, workers: int) -> bool:
         try:
             ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ConnectionError(f"cannot join the Ray cluster at {ray_address}: {exc}") from exc
+            root: BaseException = exc
+            while root.__cause__ is not None:
+                root = root.__cause__
+            why = str(root).strip().splitlines()[-1][:400] if str(root).strip() else repr(root)
+            hint = ""
+            if "auth" in why.lower():
+                hint = (
+                    " (the cluster uses token authentication: export RAY_AUTH_MODE=token and "
+                    "make its token available as ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                )
+            raise ConnectionError(
+                f"cannot join the Ray cluster at {ray_address}: {why}{hint}"
+            ) from exc
     else:
         ray.init(
             num_cpus=workers,
