@@ -98,6 +98,10 @@ def run(quick: bool = False) -> dict[str, Any]:
                             kernels[key] = loaded.int8_kernels
                             timing_nets[key] = loaded.net
             ms = _latency_ms(timing_nets, repeats)
+            # Where the time goes: trunk + neck alone (the part INT8 kernels speed up); the
+            # rest of the detector is the k-NN against the bank and the heat map.
+            embedders = {k: timing_nets[f"fpn_lite/{k}"].embed for k in ("fp32", "int8")}
+            ms_embed = _latency_ms(embedders, repeats)
             eager = FewShotDetector.load(Path(tmp) / "fpn_lite-True.vdd", engine="torch").net
             ms_eager = _latency_ms({"eager": eager}, max(3, repeats // 3))["eager"]
 
@@ -161,6 +165,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         },
         "variants": variants,
         "fpn_lite_int8_eager_torch_ms": ms_eager,
+        "fpn_lite_trunk_neck_ms": {
+            "fp32": ms_embed["fp32"],
+            "int8": ms_embed["int8"],
+            "int8_speedup": ms_embed["fp32"] / ms_embed["int8"],
+        },
         "fifty_samples": {
             "samples_per_texture": samples,
             "image_auroc": big_auc,

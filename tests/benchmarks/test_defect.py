@@ -38,6 +38,8 @@ def test_quick_defect_bench_reports_every_variant() -> None:
     assert targets["int8_ms"]["value"] == round(lite["int8_ms"], 2)
     assert targets["int8_ms"]["met"] == (lite["int8_ms"] <= 33.0)
     assert targets["image_auroc_4_shots"]["met"] == (lite["image_auroc"] >= 0.95)
+    embed = res["fpn_lite_trunk_neck_ms"]
+    assert embed["int8_speedup"] == embed["fp32"] / embed["int8"]
     speedup = lite["fp32_ms"] / lite["int8_ms"]
     assert targets["int8_faster_than_fp32"]["value"] == round(speedup, 3)
     assert targets["int8_faster_than_fp32"]["met"] == (speedup > 1.0)
