@@ -139,6 +139,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     started = not ray.is_initialized()
     if started:
         ray.init(
+            address="local",  # a new local instance, never a cluster found on this host
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=100 * 2**20,

@@ -305,6 +305,7 @@ def _ray_start(ray_address: str | None, workers: int) -> bool:
             ) from exc
     else:
         ray.init(
+            address="local",  # a new local instance, never a cluster found on this host
             num_cpus=workers,
             include_dashboard=False,
             object_store_memory=100 * 2**20,  # records are small; outputs go to disk
