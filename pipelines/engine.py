@@ -28,13 +28,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-R = TypeVar("R")
-Engine = Literal["local", "ray"]
 ENGINES: tuple[str, ...] = ("local", "ray")
 WorkerFactory = Callable[[], Callable[[Any], Any]]
 
@@ -96,12 +94,16 @@ def run_items(
 
     ``make_worker`` must be picklable (a module-level function, class or ``functools.partial``
     of one). ``env`` is set in each worker process before ``make_worker`` runs (e.g. the MLflow
-    tracking URI, which a joined cluster does not inherit). Closing the generator early (the
-    caller was interrupted) stops the workers; outcomes not yet yielded are simply not done.
+    tracking URI, which a joined cluster does not inherit). ``item_timeout`` (seconds, Ray
+    only) kills the actor of an item that runs longer; the item then counts as a dead worker.
+    Closing the generator early (the caller was interrupted) stops the workers; outcomes not
+    yet yielded are simply not done.
     """
     validate(engine, workers, max_retries)
     if item_timeout is not None and item_timeout <= 0:
         raise ValueError(f"item_timeout must be > 0, got {item_timeout}")
+    if cpus_per_worker <= 0:
+        raise ValueError(f"cpus_per_worker must be > 0, got {cpus_per_worker}")
     if not items:
         return iter(())
     if engine == "ray":
@@ -279,7 +281,8 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def _ray_start(ray_address: str | None, workers: int) -> bool:
-    """Connect to or start Ray; True when this call started it (so it must shut it down)."""
+    """Join or start Ray; True when this call did (``ray.shutdown`` then disconnects, and stops
+    the local instance it started; a joined cluster keeps running)."""
     import ray
 
     if ray_address:
