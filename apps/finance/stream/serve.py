@@ -70,6 +70,9 @@ from apps.finance.stream.scorer import PartitionScorer, ScorerConfig, make_score
 
 log = logging.getLogger("vigil.fraud.serve")
 
+#: delivered offsets are committed to the group at most this often (see FraudService._reap)
+COMMIT_EVERY_S = 0.2
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -169,6 +172,8 @@ class FraudService:
         self._pending_lat: list[float] = []
         self._out_parts: dict[str, int] = {}
         self._paused: set[Any] = set()
+        self._acked: dict[Any, Any] = {}  # delivered offsets not committed yet
+        self._committed_at = 0.0
         self._resumed = False  # a partition was resumed at least once (see _unstick_fetcher)
         self._futures: list[Any] = []
         # sent but not yet acknowledged: (futures, offsets they complete, input timestamps)
@@ -412,6 +417,7 @@ class FraudService:
         self._futures.clear()
         self._pending_lat.clear()
         self._inflight.clear()
+        self._acked.clear()
         log.warning("delivery failed; rewinding partitions %s to their checkpoints", owned)
         self._assign(owned)
 
@@ -630,21 +636,31 @@ class FraudService:
             self._futures, self._pending_lat = [], []
 
     def _reap(self, block: bool = False) -> None:
-        """Commit the offsets of batches whose outputs are all acknowledged, in order."""
+        """Commit the offsets of batches whose outputs are all acknowledged, in order.
+
+        Commits go out at most every ``COMMIT_EVERY_S`` (and on every blocking flush): restarts
+        resume from the checkpoints, the group's offsets only report progress and lag, and
+        one OffsetCommit request per poll batch costs the client and the broker CPU.
+        """
         while self._inflight:
             futures, offsets, stamps = self._inflight[0]
             if not block and not all(f.is_done for f in futures):
-                return
+                break
             self._inflight.popleft()
             failed = [f for f in futures if f.failed()]
             if failed:
                 self._inflight.clear()
+                self._acked.clear()
                 raise DeliveryError(f"{len(failed)} outputs not delivered: {failed[0].exception}")
             now = time.time()
             for ts in stamps:
                 self.metrics.latency.observe(max(0.0, now - ts))
-            self._commit(offsets)
+            self._acked.update(offsets)
             self.last_output_at = time.monotonic()
+        if self._acked and (block or time.monotonic() - self._committed_at >= COMMIT_EVERY_S):
+            self._commit(self._acked)
+            self._acked = {}
+            self._committed_at = time.monotonic()
 
     def _flush(self) -> None:
         """Block until every output sent so far is acknowledged (before checkpoints)."""
