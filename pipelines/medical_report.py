@@ -115,6 +115,9 @@ def evaluate(
     ] = None,
     model: Annotated[str | None, typer.Option(help="Detector state file or MLflow URI.")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
+    tta: Annotated[
+        bool, typer.Option(help="Average the heat map with the left-right mirrored pass.")
+    ] = False,
 ) -> None:
     """FROC (0.125-8 FP/scan) and CPM, Lung-RADS accuracy, follow-up accuracy with/without text,
     seconds per study."""
@@ -123,8 +126,9 @@ def evaluate(
 
     _need_export(data)
     _threads(threads)
-    svc = MedicalService.load(model)
+    svc = MedicalService.load(model, tta=tta)
     res = evaluate_export(data, svc)
+    res["tta"] = tta
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(res, indent=1))
