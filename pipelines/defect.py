@@ -162,6 +162,17 @@ def predict(
         float | None, typer.Option(help="Override the model's 0..1 sensitivity.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (or Ray actors).")] = 1,
+    engine: Annotated[
+        str, typer.Option(help="local (process pool, default) or ray (Ray actors).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Join this Ray cluster (auto or HOST:6379); default with --engine ray: start "
+            "a local one. Images, model and --overlays must be on storage every node sees."
+        ),
+    ] = None,
 ) -> None:
     """Score images: one CSV row per file (bad files get an error and the batch goes on)."""
     from rich.progress import Progress
@@ -173,6 +184,10 @@ def predict(
         raise UserError(f"--sensitivity must be in 0..1 (got {sensitivity})")
     if batch_size < 1:
         raise UserError(f"--batch-size must be ≥ 1 (got {batch_size})")
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine must be local or ray (got {engine!r})")
+    if ray_address is not None and engine != "ray":
+        raise UserError("--ray-address needs --engine ray")
     try:
         if model == "champion":
             svc = service.load_champion()
@@ -191,9 +206,28 @@ def predict(
         raise UserError("no images found in the given paths")
     with Progress(transient=True) as bar:
         task = bar.add_task("scoring", total=len(files))
-        rows = svc.predict_files(
-            files, overlays, batch_size, on_progress=lambda n: bar.advance(task, n)
-        )
+        if engine == "local" and workers == 1:
+            rows = svc.predict_files(
+                files, overlays, batch_size, on_progress=lambda n: bar.advance(task, n)
+            )
+        else:  # the model was loaded above only to check it; workers load their own copy
+            from apps.manufacturing.batch import predict_paths
+            from pipelines.engine import WorkerInitError
+
+            try:
+                rows = predict_paths(
+                    model,
+                    files,
+                    overlays_dir=overlays,
+                    sensitivity=sensitivity,
+                    batch_size=batch_size,
+                    engine=engine,
+                    workers=workers,
+                    ray_address=ray_address,
+                    on_progress=lambda n: bar.advance(task, n),
+                )
+            except (WorkerInitError, ConnectionError) as exc:
+                raise UserError(str(exc)) from None
     service.write_csv(rows, out)
     n_err = sum(1 for r in rows if r.error)
     n_def = sum(1 for r in rows if r.is_defect)

@@ -108,6 +108,14 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path: Path) -> None:
             ["predict", "{tmp}/junk.vdd", "{tmp}", "--out", "{tmp}/r.csv", "--sensitivity", "2"],
             "0..1",
         ),
+        (
+            ["predict", "{tmp}/junk.vdd", "{tmp}", "--out", "{tmp}/r.csv", "--engine", "spark"],
+            "--engine",
+        ),
+        (
+            ["predict", "{tmp}/junk.vdd", "{tmp}", "--out", "{tmp}/r.csv", "--ray-address", "auto"],
+            "--engine ray",
+        ),
         (["synth", "--out", "{tmp}/s", "--texture", "marble"], "unknown texture"),
         (["evaluate", "--data", "{tmp}/none", "--shots", "2"], "no such folder"),
     ],
