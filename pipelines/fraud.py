@@ -34,9 +34,10 @@ ModelKind = Annotated[str, typer.Option(help="Online model: logreg, ensemble or 
 HistoryModel = Annotated[
     str,
     typer.Option(
-        help="Card-history feature (hist_logit): 'off', 'train' (train it on this file before "
-        "the evaluation weeks), a save_pretrained folder or an MLflow URI such as "
-        "models:/vigil-fraud-history@champion."
+        help="Card-history feature (hist_logit): 'auto' (the registered "
+        "vigil-fraud-history@champion when MLflow is on and one exists, else off), 'off', "
+        "'train' (train it on this file before the evaluation weeks), a save_pretrained "
+        "folder or an MLflow URI such as models:/vigil-fraud-history@champion."
     ),
 ]
 
@@ -78,15 +79,26 @@ def read_transactions(path: Path, option: str = "--input") -> pd.DataFrame:
 
 
 def history_source(value: str) -> str | None:
-    """``--history-model`` as None (off), ``"train"`` or a folder/URI; UserError if neither."""
+    """``--history-model`` as None (off), ``"train"``, ``"auto"`` or a folder/URI; UserError
+    if none of those."""
     v = value.strip()
     if v.lower() in ("", "off", "none"):
         return None
-    if v.lower() == "train":
-        return "train"
+    if v.lower() in ("train", "auto"):
+        return v.lower()
     if ":/" in v or Path(v).is_dir():
         return v
     raise UserError(f"--history-model {value!r}: use off, train, a model folder or an MLflow URI")
+
+
+def _champion_history() -> str | None:
+    """The registered champion card-history model's URI, or None when there is none."""
+    from apps.finance.history import MODEL_NAME
+    from core import tracking
+
+    if tracking.champion_version(MODEL_NAME) is None:
+        return None
+    return f"models:/{MODEL_NAME}@{tracking.CHAMPION}"
 
 
 def load_history(source: str) -> Any:
@@ -216,7 +228,7 @@ def replay(
     mlflow: Annotated[bool, typer.Option(help="Log the run and register the model.")] = True,
     run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    history_model: HistoryModel = "off",
+    history_model: HistoryModel = "auto",
     ablation: Annotated[
         bool,
         typer.Option(
@@ -238,6 +250,8 @@ def replay(
     if scores_out is not None and not scores_out.name.lower().endswith((".parquet", ".csv")):
         raise UserError(f"--scores must end in .parquet or .csv, got {scores_out.name!r}")
     source = history_source(history_model)
+    if source == "auto":  # on by default where a trained model is registered
+        source = _champion_history() if mlflow else None
     if ablation and source is None:
         raise UserError("--ablation needs --history-model train (or a model folder/URI)")
     cutoff = _date_ts(history_cutoff, "--history-cutoff") if history_cutoff else None
@@ -307,7 +321,7 @@ def replay(
     except ValueError as exc:
         raise UserError(str(exc)) from None
     rep = evaluation.report(data, result, ev, source=str(input))
-    rep["history_model"] = history_model if source is not None else "off"
+    rep["history_model"] = source if source is not None else "off"
     if ablated is not None:
         rep["ablation"] = ablated
     if mlflow:

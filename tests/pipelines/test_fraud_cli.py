@@ -240,6 +240,10 @@ def test_train_history_then_serve_it_and_ablate(
     assert ab["delta"]["ap"] == ab["with_history"]["ap"] - ab["without_history"]["ap"]
     assert ab["history_training"]["source"] == "trained on this file"
     assert ab["history_step_latency"]["events"] == json.loads(out.read_text())["rows"]
+    # a registered champion is served by default (--history-model auto)
+    out = tmp_path / "auto.json"
+    assert _main([*base[:-2], "--no-progress", "--json", str(out)], monkeypatch) == 0
+    assert json.loads(out.read_text())["history_model"] == "models:/vigil-fraud-history@champion"
     torch.set_num_threads(n)
 
 
