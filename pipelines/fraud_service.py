@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pipelines.errors import UserError
+from pipelines.fraud import check_model, read_transactions, span_seconds
 
 if TYPE_CHECKING:
     from pipelines.demo import DemoContext
@@ -45,18 +46,6 @@ def _bootstrap(bootstrap_servers: str | None) -> Iterator[str]:
         log.warning("no --bootstrap-servers and no `vigil broker`: using a private embedded broker")
     with broker.bootstrap_or_embedded() as bootstrap:
         yield bootstrap
-
-
-def _span_s(value: str, name: str) -> float:
-    from core.streaming import parse_span
-
-    try:
-        s = float(parse_span(value))
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"--{name}: {exc}") from None
-    if s < 0:
-        raise UserError(f"--{name} must be >= 0, got {value!r}")
-    return s
 
 
 def serve(
@@ -124,15 +113,12 @@ def serve(
         setup_json_logging()
         for noisy in ("kafka", "mlflow", "alembic", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    _span_s(label_delay, "label-delay")
+    span_seconds(label_delay, "--label-delay")
+    check_model(model)
     try:
         scorer_cfg = ScorerConfig(
             model=model, label_delay=label_delay, alerts_per_day=alerts_per_day
         )
-        from apps.finance.model import MODELS
-
-        if model not in MODELS:
-            raise ValueError(f"--model must be one of {MODELS}, got {model!r}")
         if not 0 <= fetch_wait_ms <= 10_000:
             raise ValueError(f"--fetch-wait-ms must be in 0..10000, got {fetch_wait_ms}")
     except ValueError as exc:
@@ -202,16 +188,11 @@ def produce(
     from apps.finance.stream.producer import interleave, publish
     from core import broker
 
-    delay_s = _span_s(label_delay, "label-delay")
+    delay_s = span_seconds(label_delay, "--label-delay")
     if rate < 0 or speed < 0 or limit < 0 or partitions < 1:
         raise UserError("--rate, --speed and --limit must be >= 0 and --partitions >= 1")
     if input_file is not None:
-        if not input_file.exists():
-            raise UserError(f"--input {input_file} does not exist")
-        try:
-            df = simulator.read(input_file)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        df = read_transactions(input_file)
         missing = {"tx_id", "ts", "card_id", "terminal_id", "amount"} - set(df.columns)
         if missing:
             raise UserError(f"--input lacks columns {sorted(missing)}")
