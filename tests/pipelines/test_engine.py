@@ -1,7 +1,6 @@
 """The batch seam on both engines: same results, bounded retries, dead workers, no hang.
 
-Ray tests share one local 2-CPU Ray session (``ray_cluster``, started once per test session; the
-medical and defect batch tests import it from here).
+Ray tests share one local 2-CPU Ray session (``ray_cluster`` in tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,25 +15,6 @@ from typing import Any
 import pytest
 
 from pipelines.engine import Outcome, WorkerInitError, run_items
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """A local Ray with 2 CPUs for the whole test session (starting one costs 5-10 s)."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            address="local",  # a new local instance, never a cluster found on this host
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=100 * 2**20,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    yield
-    if started:
-        ray.shutdown()
 
 
 # Per-item functions live at module level so that pool processes and Ray workers can import them.

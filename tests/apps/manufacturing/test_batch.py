@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from apps.manufacturing import batch, service
-from tests.pipelines.test_engine import ray_cluster  # noqa: F401 (session fixture)
 
 
 @pytest.fixture
@@ -34,7 +33,7 @@ def _csv(rows: list[service.FilePrediction], path: Path) -> list[dict[str, str]]
 def test_ray_and_local_write_the_same_rows_and_overlays(
     parts: tuple[Path, Path],
     tmp_path: Path,
-    ray_cluster: None,  # noqa: F811
+    ray_cluster: None,
 ) -> None:
     model, folder = parts
     kw = {"batch_size": 2, "threads": 1}

@@ -14,7 +14,6 @@ from apps.medical.batch import load_manifest, run_batch
 from apps.medical.model import NoduleDetector
 from apps.medical.service import save_detector
 from tests.apps.medical.test_service import tiny_export
-from tests.pipelines.test_engine import ray_cluster  # noqa: F401 (session fixture)
 
 
 def _clone_study(src: Path, dst: Path, tag: str, keep: str) -> None:
@@ -123,7 +122,7 @@ class _Interrupted(Exception):
 def test_ray_engine_writes_the_same_reports_and_a_rerun_resumes_after_an_interrupt(
     export_with_broken: Path,
     tmp_path: Path,
-    ray_cluster: None,  # noqa: F811
+    ray_cluster: None,
 ) -> None:
     torch.manual_seed(0)
     model = save_detector(NoduleDetector(channels=(4, 8, 8), heads=2), tmp_path / "det.pt")
