@@ -43,7 +43,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Where to save the detector state file.")] = Path(
         ".vigil/medical/detector.pt"
     ),
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 300,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="Crops per step.")] = 8,
     crop: Annotated[int, typer.Option(min=16, help="Crop edge in voxels (multiple of 4).")] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
@@ -117,7 +117,13 @@ def evaluate(
     threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
     tta: Annotated[
         bool, typer.Option(help="Average the heat map with the left-right mirrored pass.")
-    ] = False,
+    ] = True,
+    threshold: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Operating confidence for the reports (FROC sweeps all)."
+        ),
+    ] = 0.3,
 ) -> None:
     """FROC (0.125-8 FP/scan) and CPM, Lung-RADS accuracy, follow-up accuracy with/without text,
     seconds per study."""
@@ -126,7 +132,7 @@ def evaluate(
 
     _need_export(data)
     _threads(threads)
-    svc = MedicalService.load(model, tta=tta)
+    svc = MedicalService.load(model, tta=tta, threshold=threshold)
     res = evaluate_export(data, svc)
     res["tta"] = tta
     if json_out is not None:

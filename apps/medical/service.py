@@ -165,7 +165,7 @@ class MedicalService:
         min_diameter_mm: float = 3.0,
         use_encoder: bool = True,
         bf16: bool | None = None,
-        tta: bool = False,
+        tta: bool = True,
     ) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")

@@ -2,9 +2,18 @@
 
 An export (``DIR/pacs`` + ``DIR/truth``, as :func:`apps.medical.phantom.write_export` writes it)
 is ingested with the real PACS path (:mod:`apps.medical.pacs`), resampled to the detector's
-isotropic spacing and cached as ``DIR/cache/<study_key>.npz``. Training samples random crops
-(most centred near a nodule), CenterNet loss, Adam; the run goes to MLflow and the model is
-registered with alias ``champion``.
+isotropic spacing and cached as ``DIR/cache/sp<mm>/<study_key>.npz``. Training samples crops:
+
+* positives: a nodule within the crop's middle third, nodule types drawn ~ 1/sqrt(frequency)
+  (LIDC has few subsolid nodules);
+* hard negatives: centred on dense voxels inside the lungs (vessels, wall), and after each
+  ``mine_at`` fraction of training on the model's own false-positive peaks over the training
+  volumes (bootstrapping, as candidate-based nodule detectors and MONAI's hard-negative sampler
+  do for anchors);
+* random crops anywhere.
+
+CenterNet loss, AdamW with warm-up + cosine; bf16 autocast in channels-last where the CPU has
+native bf16. The run goes to MLflow and the model is registered with alias ``champion``.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ MODEL_NAME = "vigil-medical-detector"
 class TrainConfig:
     """Training hyper-parameters (the constructor is the config)."""
 
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 8
     crop: int = 32  # voxels per side (multiple of 4)
     lr: float = 2e-3
