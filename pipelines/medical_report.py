@@ -84,21 +84,52 @@ def batch(
     ] = None,
     no_text: Annotated[bool, typer.Option("--no-text", help="Image-only ablation.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Process quarantined studies again.")] = False,
+    engine: Annotated[
+        str, typer.Option(help="local (process pool, default) or ray (Ray actors).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Join this Ray cluster (auto or HOST:6379); default with --engine ray: start "
+            "a local one. PACS_DIR and --out must be on storage every node sees."
+        ),
+    ] = None,
+    max_retries: Annotated[
+        int, typer.Option(min=0, help="Tries after the first for a study that crashes.")
+    ] = 2,
 ) -> None:
     """Ingestion -> model -> report for every study; resumable via OUT/manifest.json."""
     from apps.medical.batch import run_batch
+    from pipelines.engine import ENGINES, WorkerInitError
 
     if not pacs_dir.is_dir():
         raise UserError(f"{pacs_dir} is not a folder")
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
+    if ray_address is not None and engine != "ray":
+        raise UserError("--ray-address needs --engine ray")
     if (
         model is not None
         and not model.startswith(("models:/", "runs:/"))
         and not Path(model).is_file()
     ):
         raise UserError(f"--model {model!r}: no such file (or give a models:/ or runs:/ URI)")
-    res = run_batch(
-        pacs_dir, out, workers=workers, model=model, use_text=not no_text, retry_failed=retry_failed
-    )
+    try:
+        res = run_batch(
+            pacs_dir,
+            out,
+            workers=workers,
+            model=model,
+            use_text=not no_text,
+            retry_failed=retry_failed,
+            engine=engine,
+            ray_address=ray_address,
+            max_retries=max_retries,
+        )
+    except WorkerInitError as exc:  # e.g. the model cannot be loaded in a worker
+        raise UserError(str(exc)) from None
+    except ConnectionError as exc:  # a --ray-address that does not answer or refuses us
+        raise UserError(str(exc)) from None
     s = res.summary()
     typer.echo(
         f"{s['done']} done, {s['quarantined']} quarantined, {s['skipped']} skipped (already "
