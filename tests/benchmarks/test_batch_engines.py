@@ -6,12 +6,10 @@ import json
 
 import pytest
 
-from tests.pipelines.test_engine import ray_cluster  # noqa: F401 (session fixture)
-
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_quick_run_times_every_engine_on_the_same_images(ray_cluster: None) -> None:  # noqa: F811
+def test_quick_run_times_every_engine_on_the_same_images(ray_cluster: None) -> None:
     from benchmarks import batch_engines as bench
 
     res = bench.run(quick=True)
