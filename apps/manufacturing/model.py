@@ -431,6 +431,8 @@ class OnnxEmbedder:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
             so.log_severity_level = 3
+            # no spinning pool after each run: the torch k-NN that follows needs the cores
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(self.onnx, so, providers=["CPUExecutionProvider"])
             self._threads = threads
         return self._session
