@@ -135,17 +135,10 @@ def _defect(root: Path, quick: bool) -> dict[str, Any]:
 def run(quick: bool = False) -> dict[str, Any]:
     import ray
 
+    from pipelines.engine import start_local_ray
+
     t0 = time.perf_counter()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            address="local",  # a new local instance, never a cluster found on this host
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=100 * 2**20,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    started = start_local_ray(2)
     ray_start = time.perf_counter() - t0
     try:
         with tempfile.TemporaryDirectory(prefix="vigil-bench-engines-") as tmp:

@@ -307,14 +307,25 @@ def _ray_start(ray_address: str | None, workers: int) -> bool:
                 f"cannot join the Ray cluster at {ray_address}: {why}{hint}"
             ) from exc
     else:
-        ray.init(
-            address="local",  # a new local instance, never a cluster found on this host
-            num_cpus=workers,
-            include_dashboard=False,
-            object_store_memory=100 * 2**20,  # records are small; outputs go to disk
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        start_local_ray(workers)
+    return True
+
+
+def start_local_ray(num_cpus: int) -> bool:
+    """Start a new local Ray instance with ``num_cpus`` CPUs unless Ray is already initialised;
+    True when this call started it (the caller then owns ``ray.shutdown``)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(
+        address="local",  # a new local instance, never a cluster found on this host
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=100 * 2**20,  # records are small; outputs go to disk
+        log_to_driver=False,
+        configure_logging=False,
+    )
     return True
 
 

@@ -74,16 +74,9 @@ def ray_cluster() -> Iterator[None]:
     """A local Ray with 2 CPUs for the whole test session (starting one costs 5-10 s)."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            address="local",  # a new local instance, never a cluster found on this host
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=100 * 2**20,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    from pipelines.engine import start_local_ray
+
+    started = start_local_ray(2)
     yield
     if started:
         ray.shutdown()
