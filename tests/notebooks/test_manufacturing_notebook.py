@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "manufacturing.ipynb"
+from tests.notebooks._run import execute
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_manufacturing_notebook_executes() -> None:
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(
-        nb,
-        timeout=180,  # per cell
-        kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK.parents[1])}},
-    ).execute()
-    outputs = "".join(
-        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
-        for c in nb.cells
-        if c.cell_type == "code"
-        for o in c.get("outputs", [])
-    )
+    nb, outputs = execute("manufacturing.ipynb", timeout=180)
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
     assert "image AUROC on held-out brick images" in outputs
     change = float(outputs.split("largest score change: ")[1].split()[0])
