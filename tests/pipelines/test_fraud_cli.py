@@ -24,23 +24,15 @@ def vigil(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     )
 
 
+# one small simulated world, written twice to check reproducibility
+SIMULATE = ("fraud", "simulate", "--customers", "200", "--terminals", "400", "--days", "30",
+            "--seed", "4", "--out")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fraud") / "tx.parquet"
-    r = vigil(
-        "fraud",
-        "simulate",
-        "--customers",
-        "200",
-        "--terminals",
-        "400",
-        "--days",
-        "30",
-        "--seed",
-        "4",
-        "--out",
-        str(out),
-    )
+    r = vigil(*SIMULATE, str(out))
     assert r.returncode == 0, r.stderr
     assert "transactions" in r.stdout and "account takeover" in r.stdout
     return out
@@ -49,20 +41,7 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.integration
 def test_simulate_is_reproducible(simulated: Path, tmp_path: Path) -> None:
     again = tmp_path / "again.csv"
-    r = vigil(
-        "fraud",
-        "simulate",
-        "--customers",
-        "200",
-        "--terminals",
-        "400",
-        "--days",
-        "30",
-        "--seed",
-        "4",
-        "--out",
-        str(again),
-    )
+    r = vigil(*SIMULATE, str(again))
     assert r.returncode == 0, r.stderr
     pd.testing.assert_frame_equal(pd.read_csv(again), pd.read_parquet(simulated), check_dtype=False)
 
