@@ -52,6 +52,7 @@ class FeatureConfig:
     novelty_delay: str = "1h"
     allowed_lateness: str | float = "0s"
     passthrough: tuple[str, ...] = field(default_factory=tuple)
+    expire_every: str | float = "1d"
 
     def __post_init__(self) -> None:
         for name in ("time_field", "amount_field", "label_field"):
@@ -94,6 +95,14 @@ class FraudFeatures:
         self._terminal = cfg.terminal_field
         self._passthrough = cfg.passthrough
         self.last_ts = -math.inf  # event time of the last processed transaction
+        # when the event-time watermark crosses a multiple of `expire_every`, cards whose
+        # windows are all empty are dropped (a card seen again gets the same features as if it
+        # had been kept, up to ~1e-12 of float rounding): bounded memory for a 24/7 stream where cards come and go. The
+        # watermark is part of the snapshot, so a restored scorer expires at the same events
+        # as an uninterrupted one. 0 switches it off.
+        self._expire_every = parse_span(cfg.expire_every, "expire_every")
+        self._lateness = parse_span(cfg.allowed_lateness, "allowed_lateness")
+        self.cards_expired = 0
         amount, card = cfg.amount_field, cfg.card_field
         card_specs: list[Window] = []
         # means/std are NaN until a card has history: they become 0 ("nothing known")
@@ -112,7 +121,8 @@ class FraudFeatures:
                         Window(amount, by=card, agg="count", span=s, name=f"card_n_{n}")
                     )
                 card_specs.append(Window(amount, by=card, agg="mean", span=s, name=mean_name))
-                self._fill.append(mean_name)
+                if s in cfg.card_spans:  # "_prof_mean" is consumed by the z-score, not output
+                    self._fill.append(mean_name)
             self._prof_mean = f"card_mean_{pn}" if prof in cfg.card_spans else "_prof_mean"
             self._std = f"card_std_{pn}"
             self._fill.append(self._std)
@@ -179,9 +189,28 @@ class FraudFeatures:
             raise ValueError(f"event has no time field {self._time!r}") from None
         if t.__class__ is not float or t - t != 0.0:
             t = to_seconds(t)
-        raw = self.pipeline.process_one(ev) if self.pipeline is not None else {}
+        pipe = self.pipeline
+        if pipe is None:
+            raw: dict[str, float] = {}
+        else:
+            before = pipe.watermark
+            raw = pipe.process_one(ev)
+            every = self._expire_every
+            if every > 0 and t > before > -math.inf and t // every > before // every:
+                self.expire_cards(t)
         self.last_ts = t
         return self._derive(raw, t, amount, ev)
+
+    def expire_cards(self, now: float) -> int:
+        """Drop the cards whose windows are all empty at event time ``now`` (minus the allowed
+        lateness); returns how many window states were dropped. :meth:`process` calls it each
+        time the watermark crosses a multiple of ``expire_every``."""
+        if self.pipeline is None or not self._card:
+            return 0
+        card = self.config.card_field
+        dropped = self.pipeline.expire(now - self._lateness, by=(card,) if card else ())
+        self.cards_expired += dropped
+        return dropped
 
     def _derive(
         self, raw: dict[str, float], t: float, amount: float, ev: Mapping[str, Any]

@@ -189,3 +189,21 @@ def test_bad_config_is_refused() -> None:
         FeatureConfig(card_spans=("0d",))
     with pytest.raises(ValueError):
         FeatureConfig(label_delay="a week")
+
+
+def test_expiring_idle_cards_changes_no_feature(tiny_world: pd.DataFrame) -> None:
+    # half the cards go quiet from day 8 to day 20: their windows empty, they are dropped,
+    # then they come back — with the same features as when they are kept (up to the float
+    # rounding a kept, emptied window carries: ~1e-12)
+    day = tiny_world["ts"] / DAY
+    quiet = (tiny_world["card_id"] % 2 == 0) & (day > 8) & (day < 20)
+    df = tiny_world[~quiet].reset_index(drop=True)
+    short = {"card_spans": ("1d",), "profile_span": "2d", "terminal_spans": ("1d", "7d")}
+    kept = FraudFeatures(FeatureConfig(**short, expire_every=0))
+    expired = FraudFeatures(FeatureConfig(**short, expire_every="6h"))
+    a, b = _replay_features(df, kept), _replay_features(df, expired)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-9, atol=1e-9)
+    assert kept.cards_expired == 0
+    assert expired.cards_expired > 0
+    held = lambda ff: ff.pipeline.stats()["keys_held"]  # noqa: E731
+    assert held(expired) < held(kept)
