@@ -117,9 +117,9 @@ class SparseEncoderLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, prefix: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, idx = self.attn.forward_with_indices(self.norm1(x), padding_mask)
+        a, idx = self.attn.forward_with_indices(self.norm1(x), padding_mask, prefix=prefix)
         x = x + self.drop(a)
         x = x + self.drop(self.ffn(self.norm2(x)))
         return x, idx
@@ -166,8 +166,13 @@ class SparseEncoder(nn.Module):
         padding_mask: torch.Tensor | None = None,
         *,
         return_topk: bool = False,
+        prefix: int = 0,
     ) -> SparseEncoderOutput:
-        """``inputs``: ids (B, L) if the config has a vocabulary, else features (B, L, dim)."""
+        """``inputs``: ids (B, L) if the config has a vocabulary, else features (B, L, dim).
+
+        ``prefix=P``: the first ``P`` tokens are always-global in every layer (see
+        :class:`DynamicSparseAttention`); top-k picks are then positions >= ``P``.
+        """
         cfg = self.config
         if self.embed is not None:
             if inputs.dim() != 2 or inputs.dtype not in (torch.int32, torch.int64):
@@ -188,7 +193,7 @@ class SparseEncoder(nn.Module):
         x = self.drop(x)
         picks: list[torch.Tensor] = []
         for layer in self.layers:
-            x, idx = layer(x, padding_mask)
+            x, idx = layer(x, padding_mask, prefix)
             if idx is not None:
                 picks.append(idx)
         x = self.norm(x)

@@ -47,6 +47,11 @@ class DynamicSparseAttention(nn.Module):
     head the two branches mix as ``local + g·(global − local)`` with ``g = sigmoid(gate(x))``;
     ``force_gate="local"`` / ``"global"`` pins ``g`` to 0 / 1.
 
+    ``prefix=P`` makes the first ``P`` tokens *always-global* (Longformer's global tokens, e.g.
+    a text context in front of image tokens): every other token attends to them in its global
+    branch on top of its ``top_k`` picks, which are drawn from the other tokens only, and they
+    attend densely to the whole sequence. ``prefix=0`` (the default) runs the plain layer.
+
     >>> attn = DynamicSparseAttention(dim=32, heads=4, window=8, top_k=2)
     >>> attn(torch.randn(2, 40, 32)).shape
     torch.Size([2, 40, 32])
@@ -95,9 +100,10 @@ class DynamicSparseAttention(nn.Module):
         padding_mask: torch.Tensor | None = None,
         *,
         force_gate: Gate | None = None,
+        prefix: int = 0,
     ) -> torch.Tensor:
         """(B, L, dim) -> (B, L, dim). ``force_gate`` pins the mix to one branch (tests, ablations)."""
-        return self.forward_with_indices(x, padding_mask, force_gate=force_gate)[0]
+        return self.forward_with_indices(x, padding_mask, force_gate=force_gate, prefix=prefix)[0]
 
     def forward_with_indices(
         self,
@@ -105,15 +111,20 @@ class DynamicSparseAttention(nn.Module):
         padding_mask: torch.Tensor | None = None,
         *,
         force_gate: Gate | None = None,
+        prefix: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Like ``forward`` but also returns the (B, k) global-token indices (None if unused)."""
         mask = self._check(x, padding_mask)
         if force_gate not in (None, "local", "global"):
             raise ValueError(f"force_gate must be None, 'local' or 'global', got {force_gate!r}")
-        if force_gate == "global" and self.top_k == 0:
-            raise ValueError("force_gate='global' needs top_k > 0")
+        if force_gate == "global" and self.top_k == 0 and prefix == 0:
+            raise ValueError("force_gate='global' needs top_k > 0 or prefix > 0")
         L = x.shape[1]
+        if not 0 <= prefix < L:
+            raise ValueError(f"prefix must be in [0, L) = [0, {L}), got {prefix}")
         p = self.dropout if self.training else 0.0
+        if prefix:
+            return self._forward_prefix(x, mask, prefix, force_gate, p)
 
         glob: _Globals | None = None
         if self.top_k > 0 and force_gate != "local":
@@ -130,6 +141,66 @@ class DynamicSparseAttention(nn.Module):
         if mask is not None:
             y = y * mask.unsqueeze(-1).to(y.dtype)
         return y, None if glob is None else glob.idx
+
+    def _forward_prefix(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        P: int,
+        force_gate: Gate | None,
+        p: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer with the first ``P`` tokens always global (see the class docstring)."""
+        B, L, D = x.shape
+        H, hd = self.heads, self.head_dim
+        xp, xb = x[:, :P], x[:, P:]  # (B, P, D) prefix, (B, L - P, D) body
+        mb = None if mask is None else mask[:, P:]
+        if mb is not None and not bool(mb.any(dim=1).all()):
+            raise ValueError("padding_mask has a sequence with no real token after the prefix")
+        if mb is not None and bool(mb.all()):
+            mb = None
+        glob: _Globals | None = None
+        if force_gate != "local":
+            picked = self._globals(xb, mb, force_gate)  # top-k from the body only (k may be 0)
+            kvp = F.linear(xp, self.qkv.weight[D:], self.qkv.bias[D:]).view(B, P, 2, H, hd)
+            kmask = None
+            if mask is not None or picked.kmask is not None:
+                pm = torch.ones(B, P, dtype=torch.bool, device=x.device)
+                if mask is not None:
+                    pm = mask[:, :P]
+                gm = picked.kmask
+                if gm is None:
+                    gm = torch.ones(B, 1, 1, picked.idx.shape[1], dtype=torch.bool, device=x.device)
+                kmask = torch.cat([pm[:, None, None, :], gm], dim=-1)  # (B, 1, 1, P + k)
+            glob = _Globals(
+                picked.idx + P,
+                torch.cat([kvp[:, :, 0].transpose(1, 2), picked.k], dim=2),  # (B, H, P + k, hd)
+                torch.cat([kvp[:, :, 1].transpose(1, 2), picked.v], dim=2),
+                kmask,
+                picked.share,
+            )
+        Lb = L - P
+        if self.window >= Lb:
+            yb = self._rows(xb, mb, 0, Lb, glob, p, dense=True)
+        else:
+            parts = [
+                self._rows(xb, mb, s, min(s + self.segment_len, Lb), glob, p)
+                for s in range(0, Lb, self.segment_len)
+            ]
+            yb = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        # prefix rows: dense attention over the whole sequence (P x L, P is small)
+        q = F.linear(xp, self.qkv.weight[:D], self.qkv.bias[:D]).view(B, P, H, hd).transpose(1, 2)
+        kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:]).view(B, L, 2, H, hd)
+        am = None if mask is None else mask[:, None, None, :]
+        yp = F.scaled_dot_product_attention(
+            q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), attn_mask=am, dropout_p=p
+        )
+        yp = self.out(yp.transpose(1, 2).reshape(B, P, D))
+        y = torch.cat([yp, yb], dim=1)
+        if mask is not None:
+            y = y * mask.unsqueeze(-1).to(y.dtype)
+        idx = glob.idx if glob is not None and self.top_k > 0 else None
+        return y, idx
 
     # ----------------------------------------------------------------- helpers
     def _check(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
