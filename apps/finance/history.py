@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.attention import SparseEncoder, SparseEncoderConfig
+from core.streaming import parse_span
 
 if TYPE_CHECKING:
     from apps.finance.evaluation import Prepared
@@ -320,6 +321,10 @@ class CardHistory:
         refresh_batch: re-encode changed cards in batches of at most this many.
         record_latency: keep each ``process`` call's wall and CPU time (seconds) in
             ``latencies`` / ``cpu_latencies``.
+        max_idle: a card not seen for this long in event time is forgotten (it then scores
+            as a card without history). ``0``: never.
+        max_cards: at most this many cards are held; beyond, the least recently seen is
+            forgotten. Together they bound memory in a 24/7 stream (~3 KB per card).
     """
 
     def __init__(
@@ -328,9 +333,18 @@ class CardHistory:
         fields: HistoryFields | None = None,
         refresh_batch: int = 32,
         record_latency: bool = False,
+        max_idle: str | float = "90d",
+        max_cards: int = 2_000_000,
     ) -> None:
         if refresh_batch < 1:
             raise ValueError(f"refresh_batch must be >= 1, got {refresh_batch}")
+        if max_cards < 1:
+            raise ValueError(f"max_cards must be >= 1, got {max_cards}")
+        self.max_idle = parse_span(max_idle, "max_idle")
+        if self.max_idle < 0:
+            raise ValueError(f"max_idle must be >= 0, got {max_idle!r}")
+        self.max_cards = max_cards
+        self.n_forgotten = 0  # cards dropped by max_idle / max_cards
         self.model = model.eval()
         self.fields = fields or HistoryFields()
         self.refresh_batch = refresh_batch
@@ -357,6 +371,8 @@ class CardHistory:
         return {k: v for k, v in self.__dict__.items() if not k.startswith(("_cur", "_h", "_em"))}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # checkpoints written before eviction existed: no limits were in force then
+        self.__dict__.update({"max_idle": 0.0, "max_cards": 2**62, "n_forgotten": 0})
         self.__dict__.update(state)
         self._head_weights()
 
@@ -387,9 +403,17 @@ class CardHistory:
         if self.latencies is not None:
             t0, c0 = time.perf_counter(), time.thread_time()
         card_id, t, amount, terminal, device, login = self._values(event, ts)
-        card = self.cards.get(card_id)
+        cards = self.cards
+        card = cards.pop(card_id, None)  # re-inserted last: `cards` is least recently seen first
+        if card is not None and self.max_idle and card.ts and card.ts[-1] < t - self.max_idle:
+            card = None  # idle too long: forgotten, whether or not a sweep got to it first
+            self._dirty.pop(card_id, None)
+            self.n_forgotten += 1
         if card is None:
-            card = self.cards[card_id] = _Card(self.length)
+            card = _Card(self.length)
+        cards[card_id] = card
+        if len(cards) > self.max_cards or self.max_idle:
+            self._forget(t)
         if card.context is None and card.ts:
             self.refresh()  # the card changed since its last encode: bring the batch forward
         tok = card.token(t, amount, terminal, device, login)
@@ -402,6 +426,19 @@ class CardHistory:
             self.latencies.append(time.perf_counter() - t0)
             self.cpu_latencies.append(time.thread_time() - c0)  # type: ignore[union-attr]
         return logit
+
+    def _forget(self, t: float) -> None:
+        """Drop the least recently seen cards beyond ``max_cards`` or idle beyond ``max_idle``."""
+        cards, horizon = self.cards, t - self.max_idle
+        while cards:
+            oldest = next(iter(cards))
+            card = cards[oldest]
+            idle = self.max_idle > 0 and bool(card.ts) and card.ts[-1] < horizon
+            if not (idle or len(cards) > self.max_cards):
+                return
+            del cards[oldest]
+            self._dirty.pop(oldest, None)
+            self.n_forgotten += 1
 
     def _score(self, context: np.ndarray | None, tok: list[float]) -> float:
         assert context is not None

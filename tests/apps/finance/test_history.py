@@ -183,3 +183,31 @@ def test_logged_and_registered_in_mlflow(trained, tmp_path, mlflow_store) -> Non
     )
     with torch.inference_mode():
         assert torch.equal(model(x, m, cur), again(x, m, cur))
+
+
+def test_forgetting_bounds_the_cards_held(trained, tiny_world) -> None:
+    """``max_cards`` / ``max_idle`` bound memory; a forgotten card scores as a new one."""
+    model, _ = trained
+    events = _events(tiny_world)
+    capped = CardHistory(model, refresh_batch=8, max_cards=10)
+    for e in events:
+        capped.process(e)
+        assert len(capped) <= 10
+    assert capped.n_forgotten > 0
+    idle = CardHistory(model, refresh_batch=8, max_idle="2d")
+    last_seen: dict[int, float] = {}
+    checked = 0
+    for e in events:
+        gap = e["ts"] - last_seen.get(e["card_id"], e["ts"])
+        logit = idle.process(e)
+        if gap > 2 * DAY:  # forgotten before this event: no history at all
+            assert logit == CardHistory(model).process(e)
+            checked += 1
+        last_seen[e["card_id"]] = e["ts"]
+    assert checked > 0
+    kept = CardHistory(model, refresh_batch=8, max_idle=0)
+    assert [kept.process(e) for e in events] != [
+        CardHistory(model, refresh_batch=8, max_idle="2d").process(e) for e in events
+    ]
+    with pytest.raises(ValueError, match="max_cards"):
+        CardHistory(model, max_cards=0)
