@@ -6,6 +6,7 @@ Heavy imports happen inside the commands, so ``vigil --help`` stays fast.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -216,6 +217,19 @@ def main() -> None:
         app()
     except UserError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+    except OSError as exc:
+        # a path the user gave cannot be read or written (missing folder, permissions, disk
+        # full): say which and why. Errors without a file name are not the user's: re-raise.
+        if exc.filename is None or os.environ.get("VIGIL_DEBUG"):
+            raise
+        what = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+        typer.secho(
+            f"error: {what}: {exc.strerror or exc} (check the path, its folder and permissions;"
+            " VIGIL_DEBUG=1 shows the traceback)",
+            fg=typer.colors.RED,
+            err=True,
+        )
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)

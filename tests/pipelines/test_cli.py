@@ -55,6 +55,17 @@ def test_user_error_has_no_traceback() -> None:
     assert "Traceback" not in out.stderr + out.stdout
 
 
+def test_unwritable_output_path_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file, not a folder")
+    bad = str(tmp_path / "file" / "x.csv")
+    out = vigil("fraud", "simulate", "--days", "1", "--out", bad)
+    assert out.returncode == 2, out.stderr
+    assert "file" in out.stderr and "check the path" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    debug = vigil("fraud", "simulate", "--days", "1", "--out", bad, env={"VIGIL_DEBUG": "1"})
+    assert "Traceback" in debug.stderr  # the escape hatch for bug reports
+
+
 @pytest.mark.integration
 def test_broker_start_status_stop() -> None:
     assert vigil("broker", "status").returncode == 1
