@@ -5,18 +5,20 @@ worker process** (it loads the model and returns the per-item callable), then fe
 yields an :class:`Outcome` for each item *as it completes*, so the caller can update its manifest
 after every item. Workers write their (large) outputs themselves and return small records.
 
-* ``engine="local"`` (default): ``workers=1`` runs in this process; ``workers>1`` uses a
-  ``spawn`` process pool whose processes cache their worker on first use.
+* ``engine="local"`` (default): ``workers=1`` runs in this process; ``workers>1`` runs
+  ``spawn``-ed worker processes, each fed one item at a time over its own pipe.
 * ``engine="ray"``: ``workers`` actors (one CPU each, ``cpus_per_worker`` to change). With
   ``ray_address`` it joins that cluster (``ray.init(address=...)``); otherwise it starts a small
   local one and shuts it down at the end. A Ray session that is already initialised is reused.
 
+Each worker process caps its compute threads (torch, OpenMP, MKL, OpenBLAS) at its share of the
+cores (:func:`threads_per_worker`) before it loads its model: two workers that each use every
+core only slow each other down.
+
 Fault tolerance (both engines): an item that raises is retried up to ``max_retries`` times, then
-yielded as failed with its reason. A worker process that dies (``os._exit``, OOM kill, segfault;
-on Ray also an item running past ``item_timeout``) takes the items it was running with it: they
-are retried on a fresh worker, then failed. The job always finishes. Locally a dead process breaks
-the whole pool: the items in flight are not charged but re-run one at a time, so only the item
-that kills its process is charged for it.
+yielded as failed with its reason. A worker process that dies (``os._exit``, OOM kill, segfault)
+or runs one item past ``item_timeout`` (it is killed) charges that item, which is retried on a
+fresh worker, then failed ("worker died ..." / "timed out after N s"). The job always finishes.
 If ``make_worker`` itself raises, nothing can run: :class:`WorkerInitError` is raised.
 """
 
@@ -24,11 +26,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +94,20 @@ def run_items(
     max_retries: int = 2,
     item_timeout: float | None = None,
     cpus_per_worker: float = 1.0,
+    threads: int | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Iterator[Outcome[T]]:
     """Run ``make_worker()(item)`` for every item; yield outcomes in completion order.
 
     ``make_worker`` must be picklable (a module-level function, class or ``functools.partial``
     of one). ``env`` is set in each worker process before ``make_worker`` runs (e.g. the MLflow
-    tracking URI, which a joined cluster does not inherit). ``item_timeout`` (seconds, Ray
-    only) kills the actor of an item that runs longer; the item then counts as a dead worker.
+    tracking URI, which a joined cluster does not inherit). ``item_timeout`` (seconds) kills
+    the worker process of an item that runs longer (start-up excluded); the item is retried,
+    then failed with "timed out after N s". With ``item_timeout`` one local worker runs in a
+    child process too: a hung item cannot be stopped inside this one.
+    ``threads``: compute threads per worker process (torch, OpenMP, MKL, OpenBLAS), set before
+    ``make_worker`` runs; default :func:`threads_per_worker` (cores // workers) locally and
+    ``cpus_per_worker`` on Ray. The in-process worker (local, one worker) is left as it is.
     Closing the generator early (the caller was interrupted) stops the workers; outcomes not
     yet yielded are simply not done.
     """
@@ -104,6 +116,8 @@ def run_items(
         raise ValueError(f"item_timeout must be > 0, got {item_timeout}")
     if cpus_per_worker <= 0:
         raise ValueError(f"cpus_per_worker must be > 0, got {cpus_per_worker}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     if not items:
         return iter(())
     if engine == "ray":
@@ -115,17 +129,47 @@ def run_items(
             max_retries,
             item_timeout,
             cpus_per_worker,
+            threads or max(1, int(cpus_per_worker)),
             env,
         )
-    if workers == 1:
+    if workers == 1 and item_timeout is None:
         return _run_inline(items, make_worker, max_retries, env)
-    return _run_pool(items, make_worker, workers, max_retries, env)
+    threads = threads or threads_per_worker(workers)
+    return _run_pool(items, make_worker, workers, max_retries, item_timeout, threads, env)
+
+
+# --------------------------------------------------------------------------- threads
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int, cpus: int | None = None) -> int:
+    """The rule: ``workers`` processes share the cores equally, at least one thread each (two
+    workers that each use every core only fight over them)."""
+    return max(1, (cpus or available_cpus()) // max(1, workers))
+
+
+def limit_threads(n: int) -> None:
+    """Cap this process's compute threads at ``n``: torch's intra-op pool and the OpenMP / MKL /
+    OpenBLAS pools, those already loaded (threadpoolctl) and those loaded later (environment)."""
+    from threadpoolctl import threadpool_limits
+
+    for name in _THREAD_ENV:
+        os.environ[name] = str(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
+    threadpool_limits(n)
 
 
 # --------------------------------------------------------------------------- local engines
-_WORKER: Callable[[Any], Any] | None = None  # per pool process (each pool is fresh per job)
-
-
 def _load(make_worker: WorkerFactory, env: Mapping[str, str] | None) -> Callable[[Any], Any]:
     if env:
         os.environ.update(env)
@@ -142,13 +186,6 @@ def _try(fn: Callable[[Any], Any], item: Any) -> tuple[bool, Any]:
     except Exception as exc:
         log.warning("item failed: %s", _describe(exc))
         return False, _describe(exc)
-
-
-def _pool_call(make_worker: WorkerFactory, env: Mapping[str, str] | None, item: Any) -> Any:
-    global _WORKER
-    if _WORKER is None:
-        _WORKER = _load(make_worker, env)  # WorkerInitError propagates: the job cannot run
-    return _try(_WORKER, item)
 
 
 def _run_inline(
@@ -168,30 +205,92 @@ def _run_inline(
                 break
 
 
+def _pool_worker(
+    conn: Connection, make_worker: WorkerFactory, env: Mapping[str, str] | None, threads: int
+) -> None:
+    """A pool process: load the worker, say ``("ready", pid)``, then answer every
+    ``(index, item)`` with ``(index, ok, value-or-reason)`` until told ``None``."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops its workers
+    limit_threads(threads)
+    try:
+        fn = _load(make_worker, env)
+    except WorkerInitError as exc:
+        conn.send(("init-error", str(exc)))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if msg is None:
+            return
+        i, item = msg
+        ok, payload = _try(fn, item)
+        try:
+            conn.send((i, ok, payload))
+        except Exception as exc:  # e.g. a value that cannot be pickled
+            conn.send((i, False, f"result could not be sent back: {_describe(exc)}"))
+
+
+@dataclass
+class _Proc:
+    """One pool process and what it is doing: starting (not ``ready``), idle or one item."""
+
+    process: Any  # multiprocessing.context.SpawnProcess
+    conn: Connection
+    since: float  # when it started, or when its current item was handed over
+    ready: bool = False
+    item: int | None = None
+
+
 def _run_pool(
     items: Sequence[T],
     make_worker: WorkerFactory,
     workers: int,
     max_retries: int,
+    item_timeout: float | None,
+    threads: int,
     env: Mapping[str, str] | None,
 ) -> Iterator[Outcome[T]]:
-    """A dead process breaks the whole pool and fails every item in flight, so the culprit is
-    unknown. Those items are not charged; they are re-run one at a time ("suspects"), where a
-    crash can only be the item's own doing."""
+    """``workers`` spawned processes, each fed one item at a time over its own pipe, so the
+    parent always knows which item a process runs: a process that dies or runs past
+    ``item_timeout`` (then it is killed) charges exactly that item, and a new process takes
+    its place. Start-up (loading the model) does not count towards ``item_timeout``."""
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing.connection import wait
 
-    queue: deque[int] = deque(range(len(items)))
-    suspects: deque[int] = deque()
-    tries = [0] * len(items)
     ctx = mp.get_context("spawn")  # torch + fork is unsafe
-    pool = ProcessPoolExecutor(workers, mp_context=ctx)
-    running: dict[Future[Any], int] = {}
+    queue: deque[int] = deque(range(len(items)))
+    tries = [0] * len(items)
+    procs: list[_Proc | None] = [None] * min(workers, len(items))
+    restarts, max_restarts = 0, workers + len(items) * (max_retries + 1)
 
-    def submit(i: int) -> None:
-        tries[i] += 1
-        running[pool.submit(_pool_call, make_worker, env, items[i])] = i
+    def start(slot: int) -> None:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(
+            target=_pool_worker,
+            args=(child, make_worker, env, threads),
+            name=f"vigil-worker-{slot}",
+            daemon=True,
+        )
+        p.start()
+        child.close()  # only the child holds its end: the parent sees EOF when it dies
+        procs[slot] = _Proc(p, parent, time.monotonic())
+
+    def stop(proc: _Proc) -> None:
+        if proc.item is None and proc.process.is_alive():
+            try:
+                proc.conn.send(None)  # idle: let it exit on its own
+                proc.process.join(timeout=5)
+            except OSError:
+                pass
+        if proc.process.is_alive():
+            proc.process.kill()
+            proc.process.join(timeout=5)
+        proc.conn.close()
 
     def settle(i: int, ok: bool, payload: Any, died: bool) -> Outcome[T] | None:
         """The outcome to yield, or None when the item goes back in the queue for a retry."""
@@ -199,62 +298,110 @@ def _run_pool(
             return Outcome(i, items[i], True, payload, attempts=tries[i])
         if tries[i] > max_retries:
             return Outcome(i, items[i], False, error=payload, attempts=tries[i], worker_died=died)
-        (suspects if died else queue).append(i)
+        queue.append(i)
         return None
 
+    def lost(slot: int, reason: str | None = None) -> Outcome[T] | None:
+        """Process ``slot`` died (or was killed for ``reason``): charge its item, replace it."""
+        nonlocal restarts
+        proc = procs[slot]
+        assert proc is not None
+        stop(proc)
+        procs[slot] = None
+        if not proc.ready:
+            raise WorkerInitError(
+                f"worker process exited while starting (exit code {proc.process.exitcode})"
+            )
+        out = None
+        if proc.item is not None:
+            i = proc.item
+            why = reason or f"worker died: its process exited (exit code {proc.process.exitcode})"
+            log.warning("item %d: %s", i, why)
+            out = settle(i, False, why, True)
+        restarts += 1
+        if restarts > max_restarts:
+            raise RuntimeError("worker processes keep dying; giving up")
+        return out  # the main loop starts a new process in this slot if work remains
+
+    startup_timeout = 600.0  # loading a model on a busy machine can be slow, but not forever
     try:
-        while queue or suspects or running:
-            if suspects:
-                if not running:
-                    submit(suspects.popleft())  # alone: nothing else can take the blame
-            else:
-                while queue and len(running) < workers:
-                    submit(queue.popleft())
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            finished: list[tuple[int, bool, Any]] = []
-            broken, lost = False, []
-            for fut in done:
-                i = running.pop(fut)
+        for slot in range(len(procs)):
+            start(slot)
+        while True:
+            free = sum(1 for p in procs if p is not None and p.item is None)
+            for slot, proc in enumerate(procs):
+                if proc is None and len(queue) > free:  # a slot left empty by a dead process
+                    start(slot)
+                    free += 1
+                elif proc is not None and proc.ready and proc.item is None and queue:
+                    i = queue.popleft()
+                    tries[i] += 1
+                    proc.item, proc.since = i, time.monotonic()
+                    proc.conn.send((i, items[i]))
+            live = [(s, p) for s, p in enumerate(procs) if p is not None]
+            if not queue and not any(p.item is not None for _, p in live):
+                break
+            timers = [p.since + startup_timeout for _, p in live if not p.ready]
+            if item_timeout is not None:
+                timers += [p.since + item_timeout for _, p in live if p.item is not None]
+            ready = wait(
+                [p.conn for _, p in live] + [p.process.sentinel for _, p in live],
+                timeout=max(0.0, min(timers) - time.monotonic()) if timers else None,
+            )
+            for slot, proc in live:
+                if proc.conn not in ready and proc.process.sentinel not in ready:
+                    continue
+                dead = False
                 try:
-                    ok, payload = fut.result()
-                    finished.append((i, ok, payload))
-                except BrokenProcessPool:
-                    broken = True
-                    finished.append((i, False, None))
-            if broken:
-                # every other in-flight item fails with the pool: collect them too
-                for fut, i in list(running.items()):
-                    try:
-                        ok, payload = fut.result()
-                        finished.append((i, ok, payload))
-                    except BrokenProcessPool:
-                        finished.append((i, False, None))
-                running.clear()
-                pool.shutdown(wait=True, cancel_futures=True)
-                pool = ProcessPoolExecutor(workers, mp_context=ctx)
-                lost = [i for i, ok, payload in finished if not ok and payload is None]
-                log.warning("a worker process died while running items %s; new pool", lost)
-            for i, ok, payload in finished:
-                if payload is None and not ok:  # lost with the pool
-                    if len(lost) > 1:
-                        tries[i] -= 1  # culprit unknown: not charged, re-run alone
-                        suspects.append(i)
-                        continue
-                    payload = "worker died: the process running this item exited"
-                    out = settle(i, False, payload, True)
+                    msg = proc.conn.recv() if proc.conn.poll() else None
+                except (EOFError, OSError):  # its end of the pipe closed: the process exited
+                    msg, dead = None, True
+                if msg is None:
+                    if dead or not proc.process.is_alive():
+                        out = lost(slot)
+                        if out is not None:
+                            yield out
+                    continue
+                if msg[0] == "ready":
+                    proc.ready = True
+                elif msg[0] == "init-error":
+                    raise WorkerInitError(msg[1])
                 else:
+                    i, ok, payload = msg
+                    proc.item = None
+                    if not ok:
+                        log.warning("item %d failed (try %d): %s", i, tries[i], payload)
                     out = settle(i, ok, payload, False)
-                if out is not None:
-                    yield out
+                    if out is not None:
+                        yield out
+            now = time.monotonic()
+            for slot, proc in enumerate(procs):
+                if proc is None:
+                    continue
+                if not proc.ready and now - proc.since > startup_timeout:
+                    raise WorkerInitError(f"a worker did not start within {startup_timeout} s")
+                if proc.item is not None and item_timeout and now - proc.since > item_timeout:
+                    log.warning(
+                        "item %d ran past %s s: killing its worker", proc.item, item_timeout
+                    )
+                    proc.process.kill()
+                    out = lost(slot, f"timed out after {item_timeout:g} s")
+                    if out is not None:
+                        yield out
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            if proc is not None:
+                stop(proc)
 
 
 # --------------------------------------------------------------------------- Ray
 class _RayWorker:
     """Ray actor body: loads the worker once, then runs items."""
 
-    def __init__(self, make_worker: WorkerFactory, env: Mapping[str, str] | None) -> None:
+    def __init__(
+        self, make_worker: WorkerFactory, env: Mapping[str, str] | None, threads: int
+    ) -> None:
+        limit_threads(threads)
         self.fn = _load(make_worker, env)
 
     def ready(self) -> int:
@@ -337,6 +484,7 @@ def _run_ray(
     max_retries: int,
     item_timeout: float | None,
     cpus_per_worker: float,
+    threads: int,
     env: Mapping[str, str] | None,
 ) -> Iterator[Outcome[T]]:
     import ray
@@ -360,7 +508,7 @@ def _run_ray(
 
     def start(slot: int) -> None:
         """A new actor in ``slot``; it takes items once its ``ready()`` (worker loaded) returns."""
-        actor = actor_cls.remote(fn_ref, dict(env) if env else None)
+        actor = actor_cls.remote(fn_ref, dict(env) if env else None, threads)
         if slot < len(actors):
             actors[slot] = actor
         else:
@@ -416,7 +564,7 @@ def _run_ray(
                     ok, payload = ray.get(ref)
                 except RayActorError as exc:
                     if ref in timed_out:
-                        reason = f"timed out after {item_timeout} s"
+                        reason = f"timed out after {item_timeout:g} s"
                     else:
                         reason = f"worker died: {_describe(exc).splitlines()[0]}"
                     log.warning("item %d: %s", i, reason)

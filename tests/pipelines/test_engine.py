@@ -41,7 +41,25 @@ def _work(state: Path, item: Any) -> dict[str, Any]:
         os._exit(1)
     if kind == "sleep":
         time.sleep(k)
+    if kind == "once-hang" and first:
+        time.sleep(3600)
     return {"k": k, "square": k * k}
+
+
+def _make_thread_probe() -> Callable[[Any], Any]:
+    return _thread_probe
+
+
+def _thread_probe(item: Any) -> dict[str, Any]:
+    """What the worker process was given: torch's threads, the OpenMP/BLAS pools, the env."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    return {
+        "torch": torch.get_num_threads(),
+        "pools": sorted({p["num_threads"] for p in threadpool_info()}),
+        "omp": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def _collect(outs: Iterator[Outcome[Any]]) -> dict[Any, Outcome[Any]]:
@@ -149,6 +167,82 @@ def test_ray_item_timeout_kills_the_worker_and_the_job_finishes(
     assert got[("ok", 2)].ok and got[("ok", 3)].ok
 
 
+def test_local_item_timeout_stops_a_hung_item_and_the_job_finishes(tmp_path: Path) -> None:
+    """A hung item's process is killed, the item retried, then failed; the others finish.
+    One worker runs in a child process when there is a timeout (a hung item cannot be stopped
+    in this one)."""
+    items = [("sleep", 3600), ("once-hang", 1), ("ok", 2), ("ok", 3)]
+    t0 = time.monotonic()
+    got = _collect(
+        run_items(
+            items, partial(_make_worker, tmp_path), workers=1, max_retries=1, item_timeout=1.0
+        )
+    )
+    assert time.monotonic() - t0 < 60
+    hung = got[("sleep", 3600)]
+    assert (hung.ok, hung.attempts, hung.worker_died) == (False, 2, True)
+    assert hung.error == "timed out after 1 s"
+    again = got[("once-hang", 1)]  # hung once, then fine on a fresh worker
+    assert again.ok and again.attempts == 2 and again.value["square"] == 1
+    assert got[("ok", 2)].ok and got[("ok", 3)].ok
+    assert all(o.attempts == 1 for o in (got[("ok", 2)], got[("ok", 3)]))
+    assert os.getpid() not in {int(x) for x in (tmp_path / "loads").read_text().split()}
+
+
+def test_local_item_timeout_excludes_worker_start_up(tmp_path: Path) -> None:
+    """A worker whose model takes longer to load than item_timeout still runs its items."""
+    got = list(
+        run_items(
+            [("ok", 1), ("ok", 2)],
+            partial(_make_slow_worker, tmp_path, 2.0),
+            workers=2,
+            item_timeout=1.0,
+        )
+    )
+    assert all(o.ok and o.attempts == 1 for o in got)
+
+
+def _make_slow_worker(state: Path, load_s: float) -> Callable[[Any], Any]:
+    time.sleep(load_s)
+    return _make_worker(state)
+
+
+def test_worker_processes_share_the_cores() -> None:
+    """Each of 2 pool processes gets cores // 2 compute threads, set in the environment before
+    the worker loads torch (and in torch and the OpenMP/BLAS pools had they been loaded)."""
+    from pipelines.engine import available_cpus
+
+    want = max(1, available_cpus() // 2)
+    got = list(run_items([1, 2, 3, 4], _make_thread_probe, workers=2))
+    for o in got:
+        assert o.ok, o.error
+        assert o.value == {"torch": want, "pools": [want], "omp": str(want)}
+
+
+def test_limit_threads_caps_loaded_pools() -> None:
+    """In a process where torch and its OpenMP pool are already loaded (a Ray actor, a pool
+    process whose parent module imported them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, numpy; from pipelines.engine import limit_threads; "
+        "from threadpoolctl import threadpool_info; limit_threads(1); "
+        "print(torch.get_num_threads(), {p['num_threads'] for p in threadpool_info()})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split(None, 1) == ["1", "{1}\n"]
+
+
+def test_threads_per_worker_rule() -> None:
+    from pipelines.engine import threads_per_worker
+
+    assert [threads_per_worker(w, cpus=8) for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    assert threads_per_worker(2, cpus=2) == 1
+
+
 def test_closing_early_stops_cleanly(tmp_path: Path) -> None:
     gen = run_items([("ok", k) for k in range(8)], partial(_make_worker, tmp_path), workers=2)
     first = next(iter(gen))
@@ -180,4 +274,6 @@ def test_bad_arguments(tmp_path: Path) -> None:
         run_items([1], mk, max_retries=-1)
     with pytest.raises(ValueError, match="item_timeout"):
         run_items([1], mk, item_timeout=0)
+    with pytest.raises(ValueError, match="threads"):
+        run_items([1], mk, threads=0)
     assert list(run_items([], mk, engine="ray")) == []
