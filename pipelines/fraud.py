@@ -175,8 +175,46 @@ def simulate(
 
 @app.command("replay")
 def replay(
-    input: Annotated[Path, typer.Option("--input", help="Transactions: .csv(.gz) or .parquet.")],
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    input: Annotated[
+        list[Path],
+        typer.Option(
+            "--input",
+            help="Transactions: .csv(.gz) or .parquet. Repeat it, or give a folder, to replay "
+            "several files (e.g. one per region), each on its own, into --out.",
+        ),
+    ],
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the report here (with --out: the combined summary)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Folder for a replay over several files: OUT/NAME/report.json and "
+            "scores.parquet per file, manifest.json (a re-run resumes), summary.json.",
+        ),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="With --out: local (process pool, default) or ray (Ray actors).")
+    ] = "local",
+    workers: Annotated[
+        int, typer.Option(help="With --out: files replayed at once (processes or Ray actors).")
+    ] = 1,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --engine ray: join this Ray cluster (auto or HOST:6379); default: start "
+            "a local one. Inputs and --out must be on storage every node sees."
+        ),
+    ] = None,
+    max_retries: Annotated[
+        int, typer.Option(help="With --out: tries again a file whose worker failed or died.")
+    ] = 2,
+    item_timeout: Annotated[
+        float | None,
+        typer.Option(help="With --out: stop a file's replay after this many seconds (retried)."),
+    ] = None,
     scores_out: Annotated[
         Path | None,
         typer.Option("--scores", help="Write every event's score/alert here (.parquet or .csv)."),
@@ -249,19 +287,19 @@ def replay(
 
     if scores_out is not None and not scores_out.name.lower().endswith((".parquet", ".csv")):
         raise UserError(f"--scores must end in .parquet or .csv, got {scores_out.name!r}")
+    many = out is not None or len(input) > 1 or any(p.is_dir() for p in input)
+    _check_engine(many, out, engine, workers, ray_address, max_retries, item_timeout)
     source = history_source(history_model)
     if source == "auto":  # on by default where a trained model is registered
         source = _champion_history() if mlflow else None
     if ablation and source is None:
         raise UserError("--ablation needs --history-model train (or a model folder/URI)")
+    if many and (ablation or source == "train" or scores_out is not None):
+        raise UserError(
+            "with several files (--out) each file's scores go to OUT/NAME/scores.parquet; "
+            "--scores, --ablation and --history-model train take one file"
+        )
     cutoff = _date_ts(history_cutoff, "--history-cutoff") if history_cutoff else None
-    df = read_transactions(input)
-    history = read_transactions(warm_start, "--warm-start") if warm_start is not None else None
-    if source is not None:
-        import torch
-
-        torch.set_num_threads(1)  # the per-event path: one thread, no oversubscription
-    hist = load_history(source) if source not in (None, "train") else None
     columns = evaluation.Columns(
         time=time_col,
         label=label_col,
@@ -284,6 +322,39 @@ def replay(
             alert_rate=alert_rate,
             base_threshold=base_threshold,
         )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if many:
+        assert out is not None
+        if warm_start is not None and not warm_start.exists():
+            raise UserError(f"--warm-start {warm_start} does not exist")
+        job = evaluation.ReplayJob(
+            out_dir=str(out.resolve()),
+            columns=columns,
+            config=config,
+            start=eval_start,
+            weeks=eval_weeks,
+            passthrough=passthrough,
+            warm_start=str(warm_start.resolve()) if warm_start is not None else None,
+            history=source,
+        )
+        engine_kw = {
+            "engine": engine,
+            "workers": workers,
+            "ray_address": ray_address,
+            "max_retries": max_retries,
+            "item_timeout": item_timeout,
+        }
+        _replay_many(input, job, engine_kw, progress, json_out, mlflow, run_name)
+        return
+    df = read_transactions(input[0])
+    history = read_transactions(warm_start, "--warm-start") if warm_start is not None else None
+    if source is not None:
+        import torch
+
+        torch.set_num_threads(1)  # the per-event path: one thread, no oversubscription
+    hist = load_history(source) if source not in (None, "train") else None
+    try:
         ablated: dict[str, Any] | None = None
         trained_report: dict[str, Any] = {}
         if ablation:
@@ -320,7 +391,7 @@ def replay(
             )
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    rep = evaluation.report(data, result, ev, source=str(input))
+    rep = evaluation.report(data, result, ev, source=str(input[0]))
     rep["history_model"] = source if source is not None else "off"
     if ablated is not None:
         rep["ablation"] = ablated
@@ -337,6 +408,157 @@ def replay(
     if scores_out is not None:
         simulator.write(evaluation.scores_frame(data, result), scores_out)
     _print_report(rep, json_out)
+
+
+def _check_engine(
+    many: bool,
+    out: Path | None,
+    engine: str,
+    workers: int,
+    ray_address: str | None,
+    max_retries: int,
+    item_timeout: float | None,
+) -> None:
+    """The engine options of ``replay``: only with several files, and valid."""
+    if many and out is None:
+        raise UserError("several --input files (or a folder) need --out DIR for their outputs")
+    if not many and (engine != "local" or workers != 1 or ray_address is not None):
+        raise UserError("--engine/--workers/--ray-address replay one file per worker: use --out")
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine must be local or ray (got {engine!r})")
+    if ray_address is not None and engine != "ray":
+        raise UserError("--ray-address needs --engine ray")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {workers})")
+    if max_retries < 0:
+        raise UserError(f"--max-retries must be >= 0 (got {max_retries})")
+    if item_timeout is not None and item_timeout <= 0:
+        raise UserError(f"--item-timeout must be > 0 (got {item_timeout})")
+
+
+def replay_inputs(paths: list[Path]) -> dict[str, Path]:
+    """``--input`` files and folders (their .csv/.csv.gz/.parquet files, sorted) as
+    ``name -> path``, the name being the output folder; UserError on a missing path, an empty
+    folder or two files with the same name."""
+    from apps.finance.evaluation import TABLE_SUFFIXES, table_name
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(
+                f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(TABLE_SUFFIXES)
+            )
+            if not found:
+                raise UserError(f"--input {p}: no .csv, .csv.gz or .parquet files in this folder")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UserError(f"--input {p} does not exist")
+    named: dict[str, Path] = {}
+    for f in files:
+        name = table_name(f)
+        if name in named and named[name].resolve() != f.resolve():
+            raise UserError(
+                f"two inputs would write to the same folder {name!r}: {named[name]}, {f}"
+            )
+        named[name] = f
+    return named
+
+
+def _replay_many(
+    inputs: list[Path],
+    job: Any,
+    engine_kw: dict[str, Any],
+    progress: bool,
+    json_out: Path | None,
+    mlflow: bool,
+    run_name: str | None,
+) -> None:
+    """``replay --out``: one item per file on the batch engine (``engine_kw``: see
+    :func:`pipelines.engine.run_items`), a manifest, a summary."""
+    from apps.finance import evaluation
+    from pipelines.engine import WorkerInitError
+
+    files = replay_inputs(inputs)
+    try:
+        summary = evaluation.replay_files(files, job, progress=progress, **engine_kw)
+    except (WorkerInitError, ConnectionError) as exc:
+        raise UserError(str(exc)) from None
+    if mlflow:
+        summary["mlflow"] = _log_many(summary, job, run_name)
+        evaluation._save_json_atomic(Path(job.out_dir) / "summary.json", summary)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(summary, indent=2, default=str))
+    _print_many(summary)
+
+
+def _log_many(summary: dict[str, Any], job: Any, run_name: str | None) -> dict[str, Any]:
+    """One MLflow run for a replay over many files: the means, totals and per-file metrics,
+    the summary and manifest. No model is registered: each file trained its own."""
+    from core import tracking
+
+    cfg = job.config
+    params = {
+        "files": summary["files"],
+        "engine": summary["engine"],
+        "workers": summary["workers"],
+        "model": cfg.model,
+        "neg_rate": cfg.neg_rate,
+        "alerts_per_day": cfg.alerts_per_day,
+        "alert_rate": cfg.alert_rate,
+        "label_delay": cfg.features.label_delay,
+    }
+    with tracking.start_run(
+        app="finance", run_name=run_name or "fraud-replay-files", params=params
+    ) as run:
+        metrics = {f"mean_{k}": v for k, v in summary["mean"].items()}
+        metrics.update(
+            files_done=summary["done"],
+            files_failed=len(summary["failed"]),
+            rows=summary["rows"],
+            seconds=summary["seconds"],
+        )
+        tracking.log_metrics(metrics)
+        tracking.log_artifact(Path(job.out_dir) / "manifest.json")
+        tracking.log_dict(summary, "replay_summary.json")
+        return {"run_id": run.info.run_id}
+
+
+def _print_many(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"fraud replay — {summary['files']} files, {summary['engine']} engine, "
+        f"{summary['workers']} worker(s)"
+    )
+    cols = ("auc", "ap", "cp_at_100", "f1")
+    for c in ("file", "status", "rows", *cols, "events/s"):
+        table.add_column(c, justify="left" if c in ("file", "status") else "right")
+    for name, r in summary["per_file"].items():
+        if r.get("status") == "done":
+            vals = [f"{r[k]:.4f}" if k in r else "" for k in cols]
+            table.add_row(name, "done", f"{r['rows']:,}", *vals, f"{r['events_per_s']:,}")
+        else:
+            table.add_row(name, f"[red]failed[/]: {r.get('reason', '')}", "", *[""] * 5)
+    mean = summary["mean"]
+    table.add_row(
+        "[b]mean over files[/]",
+        f"{summary['done']} done",
+        f"{summary['rows']:,}",
+        *[f"{mean[k]:.4f}" if k in mean else "" for k in cols],
+        "",
+    )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"replayed {summary['processed']} file(s), {summary['skipped']} already done "
+        f"(manifest) in {summary['seconds']:.1f} s -> {summary['out_dir']}/summary.json"
+    )
+    if "mlflow" in summary:
+        console.print(f"MLflow run {summary['mlflow']['run_id']}")
 
 
 def _log_trained_history(model: Any, report: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -715,3 +716,240 @@ def log_to_mlflow(
             out["model_version"] = tracking.register(uri, model_name)
             out["model_name"] = model_name
     return out
+
+
+# --------------------------------------------------------------------------- many files
+REPLAY_MANIFEST_SCHEMA = "vigil.fraud.replay-manifest/1"
+TABLE_SUFFIXES = (".csv.gz", ".csv", ".parquet", ".pq")
+SUMMARY_METRICS = ("auc", "ap", "cp_at_100", "precision", "recall", "f1", "alerts_per_day")
+
+
+@dataclass(frozen=True)
+class ReplayJob:
+    """What every file of a replay over many files gets: the same columns, scorer config,
+    evaluation weeks and (optional) warm-start file and card-history model (a folder or MLflow
+    URI, loaded once per worker). Outputs go to ``out_dir/<name>/``."""
+
+    out_dir: str
+    columns: Columns = field(default_factory=Columns)
+    config: ScorerConfig = field(default_factory=ScorerConfig)
+    start: str | None = None
+    weeks: int | None = None
+    passthrough: bool | None = None
+    warm_start: str | None = None
+    history: str | None = None
+
+    def fingerprint(self) -> str:
+        """Hash of everything but ``out_dir``: a re-run with other options replays again."""
+        import hashlib
+        import json
+
+        d = _plain({k: v for k, v in asdict(self).items() if k != "out_dir"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def table_name(path: Path) -> str:
+    """``eu-2018.csv.gz`` -> ``eu-2018``: the output folder of a file."""
+    name = path.name
+    for suffix in TABLE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def file_fingerprint(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class FileReplayer:
+    """The per-file job: replay one transaction file from scratch (its own scorer), write
+    ``<name>/report.json`` and ``<name>/scores.parquet``, return a small record. A file that
+    cannot be read or replayed (bad columns, too short for the evaluation) is a ``failed``
+    record, not an exception; anything else raises, so the engine retries it. The same object
+    runs in this process, a pool process or a Ray actor (:mod:`pipelines.engine`)."""
+
+    def __init__(self, job: ReplayJob) -> None:
+        self.job = job
+        self.history: CardHistoryModel | None = None
+        if job.history is not None:
+            import torch
+
+            from apps.finance.history import load_history_model
+
+            torch.set_num_threads(1)  # the per-event path: one thread
+            self.history = load_history_model(job.history)  # once per worker
+
+    def __call__(self, item: tuple[str, str]) -> dict[str, Any]:
+        import json
+
+        from apps.finance import simulator
+
+        name, path = item
+        job = self.job
+        rec: dict[str, Any] = {"name": name, "input": path}
+        t0 = time.perf_counter()
+        try:
+            df = simulator.read(path)
+            warm = simulator.read(job.warm_start) if job.warm_start else None
+            data, result, ev = run_replay(
+                df,
+                job.columns,
+                job.config,
+                start=job.start,
+                weeks=job.weeks,
+                passthrough=job.passthrough,
+                warm_start=warm,
+                history=self.history,
+            )
+        except (ValueError, KeyError, OSError) as exc:  # this file's problem: retrying won't help
+            rec.update(status="failed", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            rec["seconds"] = round(time.perf_counter() - t0, 3)
+            return rec
+        folder = Path(job.out_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        rep = report(data, result, ev, source=path)
+        simulator.write(scores_frame(data, result), folder / "scores.parquet")
+        (folder / "report.json").write_text(json.dumps(rep, indent=2, default=str))
+        e = rep["evaluation"]
+        rec.update(
+            status="done",
+            outputs=[f"{name}/report.json", f"{name}/scores.parquet"],
+            rows=rep["rows"],
+            rejected=rep["rejected"],
+            alerts=int(rep["scorer"].get("alerts", 0)),
+            events_per_s=round(rep["events_per_s"]),
+            **{k: e[k] for k in SUMMARY_METRICS if k in e},
+        )
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        return rec
+
+
+def load_replay_manifest(out_dir: Path) -> dict[str, Any]:
+    import json
+
+    p = Path(out_dir) / "manifest.json"
+    if p.exists():
+        m = json.loads(p.read_text())
+        if m.get("schema") == REPLAY_MANIFEST_SCHEMA:
+            return dict(m)
+    return {"schema": REPLAY_MANIFEST_SCHEMA, "files": {}}
+
+
+def _save_json_atomic(path: Path, obj: Any) -> None:
+    import json
+    import os
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)  # a crash leaves the old or the new file, never half of one
+
+
+def replay_files(
+    files: Mapping[str, Path],
+    job: ReplayJob,
+    *,
+    engine: str = "local",
+    workers: int = 1,
+    ray_address: str | None = None,
+    max_retries: int = 2,
+    item_timeout: float | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Replay every file (``name -> path``) on its own through :func:`pipelines.engine.run_items`,
+    one item per file; returns the combined summary (also written to ``out_dir/summary.json``).
+
+    ``out_dir/manifest.json`` records each file with its status, the fingerprints of the file
+    and of the job, and its outputs; it is rewritten after every file, so a re-run (after an
+    interruption) replays only the files not done with the same content and options. Failed
+    files are tried again on a re-run. On Ray, the files and ``out_dir`` must be on storage
+    every node sees."""
+    from functools import partial
+
+    from tqdm import tqdm
+
+    from pipelines.engine import run_items, settings_env, validate
+
+    validate(engine, workers, max_retries)
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    manifest = load_replay_manifest(out_dir)
+    job_fp = job.fingerprint()
+    todo: list[tuple[str, str]] = []
+    fps: dict[str, str] = {}
+    skipped = 0
+    for name, path in files.items():
+        fps[name] = file_fingerprint(path)
+        prev = manifest["files"].get(name)
+        if (
+            prev
+            and prev.get("status") == "done"
+            and prev.get("fingerprint") == fps[name]
+            and prev.get("job") == job_fp
+            and all((out_dir / o).exists() for o in prev.get("outputs", []))
+        ):
+            skipped += 1
+            continue
+        todo.append((name, str(Path(path).resolve())))
+    bar = tqdm(total=len(todo), desc="files", unit="file", disable=not progress)
+    processed = 0
+    for o in run_items(
+        todo,
+        partial(FileReplayer, job),
+        engine=engine,
+        workers=workers,
+        ray_address=ray_address,
+        max_retries=max_retries,
+        item_timeout=item_timeout,
+        env=settings_env(),
+    ):
+        name, src = o.item
+        if o.ok:
+            rec = o.value
+        else:
+            rec = {"name": name, "input": src, "status": "failed", "reason": o.error}
+            rec["worker_died"] = o.worker_died
+        rec.update(fingerprint=fps[name], job=job_fp, attempts=o.attempts)
+        manifest["files"][name] = rec
+        _save_json_atomic(out_dir / "manifest.json", manifest)
+        processed += 1
+        bar.update(1)
+    bar.close()
+    summary = replay_summary({n: manifest["files"][n] for n in files})
+    summary.update(
+        processed=processed,
+        skipped=skipped,
+        seconds=round(time.perf_counter() - t0, 2),
+        engine=engine,
+        workers=workers,
+        out_dir=str(out_dir),
+    )
+    _save_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def replay_summary(records: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Totals over the files, the headline metrics averaged over the files that were
+    evaluated (each file is its own world: one mean per file, not one pooled ranking), and
+    each file's record."""
+    done = {n: r for n, r in records.items() if r.get("status") == "done"}
+    mean = {
+        k: float(np.mean([r[k] for r in done.values() if k in r]))
+        for k in SUMMARY_METRICS
+        if any(k in r for r in done.values())
+    }
+    return {
+        "files": len(records),
+        "done": len(done),
+        "failed": {n: r.get("reason", "") for n, r in records.items() if n not in done},
+        "rows": int(sum(r.get("rows", 0) for r in done.values())),
+        "alerts": int(sum(r.get("alerts", 0) for r in done.values())),
+        "mean": mean,
+        "per_file": {n: dict(r) for n, r in records.items()},
+    }

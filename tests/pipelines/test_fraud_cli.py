@@ -250,3 +250,136 @@ def test_train_history_with_too_little_labelled_history_is_a_user_error(
     args = ["fraud", "train-history", "--input", str(simulated), "--cutoff", "2018-04-03"]
     assert _main([*args, "--no-mlflow", "--no-progress"], monkeypatch) == 2
     assert "too few labelled" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- many files
+@pytest.fixture(scope="module")
+def regional_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small per-region transaction logs (independent worlds) in one folder."""
+    from apps.finance import simulator
+
+    folder = tmp_path_factory.mktemp("regions")
+    for i, region in enumerate(("north", "south", "west")):
+        cfg = simulator.SimulatorConfig.scaled(100, 200, 30, seed=10 + i)
+        simulator.write(simulator.simulate(cfg), folder / f"{region}.parquet")
+    return folder
+
+
+MANY = ["fraud", "replay", "--alerts-per-day", "2", "--no-progress"]
+
+
+def test_replay_over_many_files_resumes_and_records_a_bad_file(
+    regional_logs: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mlflow_store: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two files replayed, then the whole folder plus an unreadable one on 2 worker processes:
+    only the new files run (the manifest), the bad one is a failed entry with its reason, the
+    job finishes, each file has its outputs and the summary covers all four."""
+    import mlflow
+
+    out = tmp_path / "out"
+    first = ["--input", str(regional_logs / "north.parquet")]
+    first += ["--input", str(regional_logs / "south.parquet")]
+    assert _main([*MANY, *first, "--out", str(out), "--no-mlflow"], monkeypatch) == 0
+    assert json.loads((out / "summary.json").read_text())["processed"] == 2
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    for f in regional_logs.iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / "east.csv").write_text("ts,amount\n1,2.0\n")  # no label column
+    (folder / "notes.txt").write_text("not a table")  # ignored: not a table file
+    summary_path = tmp_path / "summary.json"
+    args = [*MANY, "--input", str(folder), "--out", str(out), "--workers", "2"]
+    assert _main([*args, "--json", str(summary_path)], monkeypatch) == 0
+    s = json.loads(summary_path.read_text())
+    assert (s["files"], s["done"], s["processed"], s["skipped"]) == (4, 3, 2, 2)
+    assert list(s["failed"]) == ["east"] and "label column" in s["failed"]["east"]
+    assert s["per_file"]["east"]["attempts"] == 1  # the file's own fault: not retried
+    for name in ("north", "south", "west"):
+        rec = s["per_file"][name]
+        rep = json.loads((out / name / "report.json").read_text())
+        scores = pd.read_parquet(out / name / "scores.parquet")
+        assert rec["rows"] == rep["rows"] == len(scores) and rec["auc"] == rep["evaluation"]["auc"]
+    assert s["rows"] == sum(s["per_file"][n]["rows"] for n in ("north", "south", "west"))
+    assert s["mean"]["ap"] == pytest.approx(
+        sum(s["per_file"][n]["ap"] for n in ("north", "south", "west")) / 3
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["west"]["status"] == "done"
+    run = mlflow.get_run(s["mlflow"]["run_id"])
+    assert run.data.metrics["files_done"] == 3 and run.data.params["workers"] == "2"
+    assert "east" in capsys.readouterr().out
+    # other options: the file is replayed again
+    args = [*MANY, "--input", str(folder / "west.parquet"), "--out", str(out), "--neg-rate", "0.3"]
+    assert _main([*args, "--no-mlflow", "--json", str(summary_path)], monkeypatch) == 0
+    assert json.loads(summary_path.read_text())["processed"] == 1
+
+
+@pytest.mark.integration
+def test_replay_over_many_files_is_identical_on_ray(
+    regional_logs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_cluster: None
+) -> None:
+    base = [*MANY, "--input", str(regional_logs), "--no-mlflow"]
+    assert _main([*base, "--out", str(tmp_path / "local")], monkeypatch) == 0
+    ray = [*base, "--out", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2"]
+    assert _main(ray, monkeypatch) == 0
+    for name in ("north", "south", "west"):
+        a, b = (
+            json.loads((tmp_path / side / name / "report.json").read_text())
+            for side in ("local", "ray")
+        )
+        assert a["evaluation"] == b["evaluation"] and a["scorer"] == b["scorer"]
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "local" / name / "scores.parquet"),
+            pd.read_parquet(tmp_path / "ray" / name / "scores.parquet"),
+        )
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert (summary["done"], summary["engine"], summary["workers"]) == (3, "ray", 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--workers", "2"], "use --out"),
+        (["--engine", "ray"], "use --out"),
+        (["--out", "{tmp}/o", "--engine", "spark"], "--engine must be local or ray"),
+        (["--out", "{tmp}/o", "--ray-address", "auto"], "--ray-address needs --engine ray"),
+        (["--out", "{tmp}/o", "--scores", "{tmp}/s.csv"], "OUT/NAME/scores.parquet"),
+        (["--out", "{tmp}/o", "--item-timeout", "0"], "--item-timeout"),
+        (["--input", "{tmp}"], "need --out"),
+        (["--input", "{tmp}", "--out", "{tmp}/o"], "no .csv, .csv.gz or .parquet"),
+        (["--input", "{tmp}/nope.csv", "--out", "{tmp}/o"], "does not exist"),
+    ],
+)
+def test_bad_many_file_arguments_are_user_errors(
+    simulated: Path,
+    tmp_path: Path,
+    args: list[str],
+    msg: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = ["fraud", "replay", "--no-mlflow", "--no-progress"]
+    if "--input" not in args:
+        base += ["--input", str(simulated)]
+    assert _main([*base, *args], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_many_file_inputs_with_one_name_are_refused(tmp_path: Path) -> None:
+    from pipelines.errors import UserError
+    from pipelines.fraud import replay_inputs
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "day1.csv.gz").write_bytes(b"")
+    with pytest.raises(UserError, match="same folder 'day1'"):
+        replay_inputs([tmp_path / "a", tmp_path / "b"])
+    assert list(replay_inputs([tmp_path / "a", tmp_path / "a" / "day1.csv.gz"])) == ["day1"]
