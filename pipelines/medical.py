@@ -50,6 +50,10 @@ def synth(
     min_nodules: Annotated[int, typer.Option(help="At least this many nodules.")] = 0,
     max_nodules: Annotated[int, typer.Option(help="At most this many nodules.")] = 4,
     second_recon: Annotated[float, typer.Option(help="Probability of a 2nd recon.")] = 0.5,
+    subsolid_share: Annotated[
+        float | None,
+        typer.Option(help="Share of part-solid/ground-glass nodules (default: LIDC's ~15%)."),
+    ] = None,
     transfer_syntax: Annotated[
         str, typer.Option(help="explicit, implicit, jpeg2000, jpegls or rle.")
     ] = "explicit",
@@ -74,6 +78,7 @@ def synth(
             max_nodules=max_nodules,
             second_recon=second_recon,
             transfer_syntax=transfer_syntax,
+            subsolid_share=subsolid_share,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

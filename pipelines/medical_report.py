@@ -50,6 +50,14 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     register: Annotated[bool, typer.Option(help="Register in MLflow with alias champion.")] = True,
     threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
+    encoder: Annotated[
+        str,
+        typer.Option(
+            help="Stride-4 context: attention3d (CNN + Attention3D, the default) or sparse "
+            "(CT tokens + clinical-text tokens through core.attention.SparseEncoder)."
+        ),
+    ] = "attention3d",
+    device: Annotated[str, typer.Option(help="Torch device to train on (cpu, cuda).")] = "cpu",
 ) -> None:
     """Train the nodule detector on a phantom export; log to MLflow and register the champion."""
     from rich.progress import Progress
@@ -59,8 +67,21 @@ def train(
     _need_export(data)
     _threads(threads)
     try:
-        cfg = TrainConfig(steps=steps, batch_size=batch_size, crop=crop, lr=lr, seed=seed)
-    except ValueError as exc:
+        cfg = TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            crop=crop,
+            lr=lr,
+            seed=seed,
+            encoder=encoder,
+            device=device,
+        )
+        import torch
+
+        torch.device(device)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device here")
+    except (ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     with Progress() as prog:
         task = prog.add_task("training", total=steps)
@@ -155,23 +176,60 @@ def evaluate(
             min=0.0, max=1.0, help="Operating confidence for the reports (FROC sweeps all)."
         ),
     ] = 0.3,
+    ablation: Annotated[
+        str | None,
+        typer.Option(
+            help="A second detector (state file or MLflow URI), e.g. the other --encoder: "
+            "evaluated on the same studies; JSON key `ablation` compares the two."
+        ),
+    ] = None,
 ) -> None:
     """FROC (0.125-8 FP/scan) and CPM, Lung-RADS accuracy, follow-up accuracy with/without text,
-    seconds per study."""
-    from apps.medical.evaluate import evaluate_export
+    seconds per study; with --ablation, the same for a second model side by side."""
+    from apps.medical.evaluate import ablation_row, evaluate_export
     from apps.medical.service import MedicalService
 
     _need_export(data)
     _threads(threads)
+    for m in (model, ablation):
+        if m is not None and not m.startswith(("models:/", "runs:/")) and not Path(m).is_file():
+            raise UserError(f"model {m!r}: no such file (or give a models:/ or runs:/ URI)")
     svc = MedicalService.load(model, tta=tta, threshold=threshold)
     res = evaluate_export(data, svc)
     res["tta"] = tta
+    if ablation is not None:
+        other = MedicalService.load(ablation, tta=tta, threshold=threshold)
+        res_b = evaluate_export(data, other)
+        res["ablation"] = [
+            ablation_row(model or "champion", res),
+            ablation_row(ablation, res_b),
+        ]
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(res, indent=1))
-    brief = {k: v for k, v in res.items() if k not in ("per_study",)}
+    brief = {k: v for k, v in res.items() if k not in ("per_study", "ablation")}
     brief["froc"] = {k: v for k, v in res["froc"].items() if k != "curve"}
     typer.echo(json.dumps(brief, indent=1))
+    if "ablation" in res:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"ablation on {data} ({res['n_studies']} studies)")
+        for col in ("model", "encoder", "sens @ 1 FP/scan", "CPM", "s / study", "picks near"):
+            table.add_column(col)
+        for row in res["ablation"]:
+            picks = row["topk_picks"]
+            table.add_row(
+                row["model"],
+                row["encoder"],
+                f"{row['sensitivity_at_1fp']:.3f}",
+                f"{row['cpm']:.3f}",
+                f"{row['seconds_per_study']:.2f}",
+                "-"
+                if picks is None
+                else f"{picks['near_nodule_fraction']:.3f} (chance {picks['chance_fraction']:.4f})",
+            )
+        Console().print(table)
 
 
 # ------------------------------------------------------------------ demo

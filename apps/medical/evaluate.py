@@ -10,6 +10,9 @@
 * **Field accuracy** on matched findings: type, lobe, size error.
 * **Seconds per study**: volume build + detector + text + rules (the analysis a batch job runs
   per study, without writing the report files), mean over the studies.
+* **Top-k picks** (token model, :mod:`apps.medical.tokens`): share of the sparse encoder's
+  global-token picks that lie on or next to a true nodule, against chance (the share of all
+  stride-4 cells that do).
 """
 
 from __future__ import annotations
@@ -148,6 +151,7 @@ def evaluate_export(
     matched: list[tuple[dict[str, Any], dict[str, Any]]] = []
     n_eval = 0
     seconds: list[float] = []
+    pick_stats: list[tuple[int, int, float]] = []
     for n, study in enumerate(studies, 1):
         t0 = time.perf_counter()
         truth = truths[study.uid]
@@ -155,14 +159,16 @@ def evaluate_export(
         if not vols:
             log.warning("study %s: no volume", study.key)
             continue
+        text = scan.deid.scrub_text(read_clinical_text(study), study.identity)
         service.threshold = 0.02  # low threshold: the FROC sweeps every operating point
         try:
-            cands, _ = service.detect(vols[0])
+            cands, _, picks = service.detect_with_picks(vols[0], text)
         finally:
             service.threshold = keep_threshold
         scans.append((cands, truth["nodules"]))
+        if picks:
+            pick_stats.append(pick_overlap(vols[0], picks, truth["nodules"]))
         found = [c for c in cands if c["confidence"] >= keep_threshold]
-        text = scan.deid.scrub_text(read_clinical_text(study), study.identity)
         risk_t, _ = service.text_risk(text, True)
         rep_t = service.report_from_findings(found, risk_t, study_key=study.key)
         rep_i = service.report_from_findings(
@@ -219,5 +225,60 @@ def evaluate_export(
         "follow_up_accuracy_image_only": round(fu_img_ok / k, 4),
         "fields": fields,
         "seconds_per_study": round(float(np.mean(seconds)), 3) if seconds else None,
+        "encoder": getattr(service.model, "encoder", "attention3d"),
+        "topk_picks": summarize_picks(pick_stats),
         "per_study": per_study,
+    }
+
+
+def ablation_row(model: str, res: dict[str, Any]) -> dict[str, Any]:
+    """One model's line of ``vigil medical evaluate --ablation``'s ``ablation`` list."""
+    return {
+        "model": str(model),
+        "encoder": res["encoder"],
+        "sensitivity_at_1fp": res["sensitivity_at_1fp"],
+        "cpm": res["cpm"],
+        "seconds_per_study": res["seconds_per_study"],
+        "topk_picks": res["topk_picks"],
+    }
+
+
+def pick_overlap(
+    volume: Any, picks_voxel: Sequence[Sequence[float]], truth: Sequence[dict[str, Any]]
+) -> tuple[int, int, float]:
+    """(picks near a nodule, picks, chance fraction) for one study. A pick (the centre of a
+    stride-4 cell) is *near* a nodule when within its radius + 4 mm (half a cell's diagonal, so a
+    cell overlapping the nodule counts); chance = the share of the volume's cells near one."""
+    from apps.medical.pacs import world_to_voxel
+
+    sp = float(np.mean(volume.spacing))
+    centres = np.array(
+        [world_to_voxel(volume.affine, t["center_mm"], space="LPS") for t in truth], dtype=float
+    ).reshape(-1, 3)
+    reach = np.array([t["mean_diameter_mm"] / 2 + 4.0 for t in truth]) / sp  # voxels
+    picks = np.asarray(picks_voxel, dtype=float).reshape(-1, 3)
+    if not len(truth):
+        return 0, len(picks), 0.0
+    near = (np.linalg.norm(picks[:, None] - centres[None], axis=-1) <= reach[None]).any(1)
+    grid = np.stack(
+        np.meshgrid(*(np.arange(1.5, s, 4.0) for s in volume.shape), indexing="ij"), -1
+    ).reshape(-1, 3)
+    cells_near = np.zeros(len(grid), dtype=bool)
+    for c, r in zip(centres, reach, strict=True):
+        cells_near |= np.linalg.norm(grid - c, axis=1) <= r
+    return int(near.sum()), len(picks), float(cells_near.mean())
+
+
+def summarize_picks(stats: Sequence[tuple[int, int, float]]) -> dict[str, Any] | None:
+    """Share of the top-k picks near a true nodule vs chance (token model only)."""
+    if not stats:
+        return None
+    hits, total = sum(s[0] for s in stats), sum(s[1] for s in stats)
+    chance = float(np.mean([s[2] for s in stats]))
+    precision = hits / max(total, 1)
+    return {
+        "near_nodule_fraction": round(precision, 4),
+        "chance_fraction": round(chance, 4),
+        "lift": round(precision / chance, 2) if chance > 0 else None,
+        "picks": total,
     }

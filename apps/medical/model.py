@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ class DetectorOutput:
     log_diameter: torch.Tensor  # (B, 1, ...) log(mean diameter / 1 mm)
     solid_fraction: torch.Tensor  # (B, 1, ...) solid component / mean diameter (logit)
     type_logits: torch.Tensor  # (B, 3, ...) solid / part-solid / ground-glass
+    # token encoder only (apps.medical.tokens), on the stride-4 grid:
+    token_scores: torch.Tensor | None = None  # (B, layers, X/4, Y/4, Z/4) top-k scorer logits
+    picks: torch.Tensor | None = None  # (B, layers, k, 3) grid cells the top-k scorer picked
 
     @property
     def heatmap(self) -> torch.Tensor:
@@ -96,13 +100,31 @@ class NoduleDetector(nn.Module):
             self.head[-1].bias.zero_()
             self.head[-1].bias[0] = -math.log((1 - 0.01) / 0.01)
 
-    def forward(self, x: torch.Tensor) -> DetectorOutput:
+    encoder: str = "attention3d"  # the stride-4 context block (see apps.medical.tokens)
+    text_dim: int = 0  # width of the text token embeddings the model reads (0: none)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> DetectorOutput:
+        """``x`` (B, 1, X, Y, Z). ``text`` (B, T, text_dim) / ``text_mask`` (B, T): clinical-text
+        token embeddings, read only by models with ``text_dim > 0`` (this one ignores them)."""
+        f1, f2 = self.features(x)
+        return self.decode_maps(f1, self.attn(f2))  # Attention3D: long-range context at stride 4
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CNN maps at stride 2 (B, c1, X/2, Y/2, Z/2) and stride 4 (B, c2, X/4, Y/4, Z/4)."""
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"expected (B, 1, X, Y, Z), got {tuple(x.shape)}")
         if any(s % 4 for s in x.shape[2:]):
             raise ValueError(f"spatial size must be a multiple of 4, got {tuple(x.shape[2:])}")
         f1 = self.enc1(self.down1(self.stem(x)))  # (B, c1, X/2, Y/2, Z/2)
-        f2 = self.attn(self.enc2(self.down2(f1)))  # (B, c2, X/4, Y/4, Z/4): long-range context
+        return f1, self.enc2(self.down2(f1))  # (B, c2, X/4, Y/4, Z/4)
+
+    def decode_maps(self, f1: torch.Tensor, f2: torch.Tensor) -> DetectorOutput:
+        """Decoder + CenterNet head from the stride-2 map and the contextualised stride-4 map."""
         up = F.interpolate(
             self.lateral(f2), size=f1.shape[2:], mode="trilinear", align_corners=False
         )
@@ -115,6 +137,16 @@ class NoduleDetector(nn.Module):
             type_logits=h[:, 6:9],
         )
 
+    def constructor_args(self) -> dict[str, Any]:
+        """What :func:`apps.medical.tokens.build_detector` needs to rebuild this model."""
+        return {
+            "encoder": self.encoder,
+            "channels": list(self.channels),
+            "heads": self.heads,
+            "spacing_mm": self.spacing_mm,
+            "attention": not isinstance(self.attn, nn.Identity),
+        }
+
 
 def preprocess(hu: np.ndarray) -> torch.Tensor:
     """HU (X, Y, Z) -> (1, 1, X', Y', Z') in [0, 1], zero-padded (air) to a multiple of 4."""
@@ -125,6 +157,7 @@ def preprocess(hu: np.ndarray) -> torch.Tensor:
         torch.as_tensor(hu, dtype=torch.float32)[None]
     )
     x = DivisiblePad(k=4, mode="constant", method="end")(x)
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x  # a plain tensor, not MONAI's MetaTensor
     return torch.as_tensor(x)[None].float()
 
 
@@ -223,15 +256,28 @@ def make_targets(
     }
 
 
-def detection_loss(out: DetectorOutput, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CenterNet penalty-reduced focal loss + L1 regressions + type cross-entropy at centres."""
-    p = out.heatmap.clamp(1e-4, 1 - 1e-4)
-    pos = t["mask"]
-    neg_w = (1 - t["heat"]) ** 4
+def focal_loss(logits: torch.Tensor, heat: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss of ``logits`` against a Gaussian ``heat`` target
+    whose peaks are ``pos`` (1 at centres), normalised by the number of centres."""
+    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    neg_w = (1 - heat) ** 4
     pos_loss = (torch.log(p) * (1 - p) ** 2 * pos).sum()
     neg_loss = (torch.log(1 - p) * p**2 * neg_w * (1 - pos)).sum()
+    return -(pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
+
+
+TOKEN_SCORE_WEIGHT = 0.2  # weight of the top-k scorer's objectness term (token models only)
+
+
+def detection_loss(out: DetectorOutput, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CenterNet penalty-reduced focal loss + L1 regressions + type cross-entropy at centres.
+
+    Token models (:mod:`apps.medical.tokens`) add an objectness term on the top-k scorer's
+    logits against the centre heat map pooled to their stride-4 grid, so the global tokens each
+    layer picks are the suspicious regions."""
+    pos = t["mask"]
+    focal = focal_loss(out.heatmap_logits, t["heat"], pos)
     n = pos.sum().clamp(min=1.0)
-    focal = -(pos_loss + neg_loss) / n
     l1_off = (torch.abs(out.offset - t["offset"]) * pos).sum() / (3 * n)
     l1_size = (torch.abs(out.log_diameter - t["logd"]) * pos).sum() / n
     nf = t["frac_mask"].sum().clamp(min=1.0)
@@ -241,4 +287,19 @@ def detection_loss(out: DetectorOutput, t: dict[str, torch.Tensor]) -> dict[str,
     else:
         ce = out.type_logits.sum() * 0.0
     total = focal + l1_off + 2.0 * l1_size + frac + 0.5 * ce
-    return {"total": total, "focal": focal, "offset": l1_off, "size": l1_size, "type": ce}
+    losses = {"focal": focal, "offset": l1_off, "size": l1_size, "type": ce}
+    if out.token_scores is not None:
+        g = out.token_scores.shape[2:]
+        heat4 = F.adaptive_max_pool3d(t["heat"], g)  # (B, 1, X/4, Y/4, Z/4)
+        pos4 = (heat4 >= 1.0).to(heat4.dtype)
+        scores = out.token_scores.float()
+        tok = (
+            sum(
+                (focal_loss(scores[:, i : i + 1], heat4, pos4) for i in range(scores.shape[1])),
+                torch.zeros((), device=scores.device),
+            )
+            / scores.shape[1]
+        )
+        total = total + TOKEN_SCORE_WEIGHT * tok
+        losses["token"] = tok
+    return {"total": total, **losses}

@@ -70,6 +70,9 @@ class PhantomConfig:
         clinical_sr: write the clinical-history Basic Text SR.
         vessels: draw the bronchovascular trees (off: isolated nodules for geometry tests).
         juxtapleural: share of nodules allowed to touch the pleura.
+        subsolid_share: ``None`` keeps LIDC's type mix (~15 % subsolid); a number draws each
+            nodule from the subsolid (part-solid or ground-glass) annotations with that
+            probability — training sets rich in the rare types.
     """
 
     matrix: int = 192
@@ -87,6 +90,7 @@ class PhantomConfig:
     clinical_sr: bool = True
     vessels: bool = True
     juxtapleural: float = 0.2
+    subsolid_share: float | None = None
 
     def __post_init__(self) -> None:
         if not 16 <= self.matrix <= 1024:
@@ -109,6 +113,8 @@ class PhantomConfig:
             raise ValueError("juxtapleural is a probability in [0, 1]")
         if not -30.0 <= self.gantry_tilt_deg <= 30.0:
             raise ValueError("gantry_tilt_deg must be in [-30, 30]")
+        if self.subsolid_share is not None and not 0.0 <= self.subsolid_share <= 1.0:
+            raise ValueError("subsolid_share is a probability in [0, 1] (or None: LIDC's mix)")
 
 
 # ================================================================== geometry
@@ -1128,6 +1134,8 @@ def synth_study(
     # keep nodules that fit comfortably in small test phantoms
     max_d = float(np.clip(0.45 * min(an.lung_ax, an.lung_by), 3.5, 30.0))
     records = stats.sample_nodules(rng, n_nod, 3.0, max_d)
+    if cfg.subsolid_share is not None:  # redraw types (after, so the default stream is unchanged)
+        records = _mix_types(stats, records, cfg.subsolid_share, rng, max_d)
     nodules = place_nodules(cv, an, records, rng, juxtapleural=cfg.juxtapleural)
     clean = cv.hu
     sex = str(rng.choice(["F", "M"]))
@@ -1246,6 +1254,29 @@ def synth_study(
 
 
 # ================================================================== writing
+def _mix_types(
+    stats: LidcStats,
+    records: list[NoduleRecord],
+    share: float,
+    rng: np.random.Generator,
+    max_d: float,
+) -> list[NoduleRecord]:
+    """Each record replaced by a random subsolid (with probability ``share``) or solid one."""
+    pools = {
+        sub: [
+            r
+            for r in stats.records
+            if 3.0 <= r.diameter_mm <= max_d and (r.nodule_type != "solid") == sub
+        ]
+        for sub in (True, False)
+    }
+    out = []
+    for _ in records:
+        pool = pools[bool(rng.random() < share)] or pools[True] or pools[False]
+        out.append(pool[int(rng.integers(len(pool)))])
+    return out
+
+
 def _series_dirname(spec: SeriesSpec) -> str:
     safe = "".join(c if c.isalnum() else "_" for c in spec.description).strip("_")
     return f"{spec.number:03d}_{safe}"

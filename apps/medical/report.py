@@ -289,7 +289,19 @@ def key_images(rep: StudyReport, max_images: int = 4) -> list[tuple[str, bytes]]
             ax.add_patch(
                 plt.Circle((c, r), max(d / sp[0], 3) + 3, fill=False, color="yellow", lw=1.2)
             )
-        ax.set_title(f"{name}  slice {k}", fontsize=9)
+        # the token model's top-k global tokens (stride-4 cells) whose cell meets this slice
+        near = [p for p in rep.picks_voxel if abs(p[2] - k) <= 2]
+        if near:
+            ax.scatter(
+                [arr.shape[0] - 1 - p[0] for p in near],
+                [arr.shape[1] - 1 - p[1] for p in near],
+                marker="+",
+                s=30,
+                c="cyan",
+                linewidths=1.0,
+            )
+        title = f"{name}  slice {k}" + ("  (+ top-k picks)" if near else "")
+        ax.set_title(title, fontsize=9)
         ax.axis("off")
         buf = io.BytesIO()
         fig.savefig(buf, format="png", bbox_inches="tight")

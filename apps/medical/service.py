@@ -81,22 +81,17 @@ class StudyReport:
     series_meta: dict[str, Any] = field(default_factory=dict)
     source_paths: list[str] = field(default_factory=list)
     use_text: bool = True
+    picks_voxel: list[list[float]] = field(default_factory=list)  # token model's top-k picks
 
 
 def save_detector(model: NoduleDetector, path: Path, run_id: str | None = None) -> Path:
     """Write a detector state file (weights + constructor args) loadable by :meth:`MedicalService.load`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    attn = not isinstance(model.attn, torch.nn.Identity)
     torch.save(
         {
             "format": MODEL_FORMAT,
-            "args": {
-                "channels": list(model.channels),
-                "heads": model.heads,
-                "spacing_mm": model.spacing_mm,
-                "attention": attn,
-            },
+            "args": model.constructor_args(),  # "encoder" names the class (build_detector)
             "state_dict": model.state_dict(),
             "run_id": run_id,
         },
@@ -187,6 +182,7 @@ class MedicalService:
         self.bf16 = bf16
         self.tta = tta
         self._encoder: ClinicalTextEncoder | None = None
+        self._token_encoder: ClinicalTextEncoder | bool | None = None  # False: unavailable
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -200,9 +196,10 @@ class MedicalService:
             state = torch.load(str(source), map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
                 raise UserError(f"{source} is not a Vigil medical detector file")
-            model = NoduleDetector(
-                **{**state["args"], "channels": tuple(state["args"]["channels"])}
-            )
+            from apps.medical.tokens import build_detector
+
+            args = dict(state["args"])  # files from before the token model have no "encoder"
+            model = build_detector(**{**args, "channels": tuple(args["channels"])})
             model.load_state_dict(state["state_dict"])
             info = {
                 "name": "vigil-medical-detector",
@@ -247,10 +244,37 @@ class MedicalService:
                 self.use_encoder = False
         return self._encoder
 
+    def text_tokens(self, text: str | None) -> np.ndarray | None:
+        """MiniLM token embeddings (T, 384) of the (de-identified) clinical text for models that
+        read it (``model.text_dim > 0``); None for the baseline, no text, or no MiniLM."""
+        if not self.model.text_dim or not text or not text.strip():
+            return None
+        if self._token_encoder is None:
+            from apps.medical.text import ClinicalTextEncoder
+
+            try:
+                self._token_encoder = self._encoder or ClinicalTextEncoder()
+            except FileNotFoundError as exc:
+                log.warning("no MiniLM for the detector's text tokens (%s): image only", exc)
+                self._token_encoder = False
+        enc = self._token_encoder
+        return None if enc is None or enc is False else enc.token_embeddings(text)
+
     # ------------------------------------------------------------------ inference
+    def detect(
+        self, volume: CTVolume, text: str | None = None
+    ) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """Nodule candidates (LPS mm) on a volume at the model's spacing, and the heat map.
+        ``text``: the de-identified clinical history (read by the token model only)."""
+        found, heat, _ = self.detect_with_picks(volume, text)
+        return found, heat
+
     @torch.no_grad()
-    def detect(self, volume: CTVolume) -> tuple[list[dict[str, Any]], np.ndarray]:
-        """Nodule candidates (LPS mm) on a volume at the model's spacing, and the heat map."""
+    def detect_with_picks(
+        self, volume: CTVolume, text: str | None = None
+    ) -> tuple[list[dict[str, Any]], np.ndarray, list[list[float]]]:
+        """:meth:`detect` plus the token model's top-k picks (voxel centres of the picked
+        stride-4 cells, every layer; empty for the baseline)."""
         from scipy import ndimage
 
         from apps.medical.pacs import voxel_to_world
@@ -259,7 +283,11 @@ class MedicalService:
         if not np.allclose(volume.spacing, (sp, sp, sp), atol=1e-3):
             raise ValueError(f"volume spacing {volume.spacing} != model spacing {sp} mm")
         x = preprocess(volume.array)  # (1, 1, X', Y', Z') padded to a multiple of 4
-        out = self.infer(x)
+        out = self.infer(x, self.text_tokens(text))
+        picks: list[list[float]] = []
+        if out.picks is not None:  # stride-4 cell -> centre voxel of the cell
+            cells = out.picks[0].reshape(-1, 3).float() * 4 + 1.5
+            picks = [[round(float(v), 1) for v in c] for c in cells.tolist()]
         cands = decode(out, threshold=self.threshold, max_candidates=30, spacing_mm=sp)[0]
         X, Y, Z = volume.shape
         heat = out.heatmap[0, 0].numpy()  # (X'/2, Y'/2, Z'/2)
@@ -296,25 +324,38 @@ class MedicalService:
                     "core_hu": round(dense, 1),
                 }
             )
-        return found, heat
+        return found, heat, picks
 
     @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> DetectorOutput:
+    def infer(self, x: torch.Tensor, text: np.ndarray | None = None) -> DetectorOutput:
         """Detector on a preprocessed (B, 1, X, Y, Z) batch (with ``tta``: heat map averaged with
-        the mirrored pass; the grid mirrors exactly because X is padded to a multiple of 4)."""
-        out = self._forward(x)
+        the mirrored pass; the grid mirrors exactly because X is padded to a multiple of 4).
+        ``text``: (T, 384) text tokens, shared by the batch."""
+        out = self._forward(x, text)
         if not self.tta:
             return out
-        mirrored = torch.flip(self._forward(torch.flip(x, dims=[2])).heatmap, dims=[2])
+        mirrored = torch.flip(self._forward(torch.flip(x, dims=[2]), text).heatmap, dims=[2])
         heat = ((out.heatmap + mirrored) / 2).clamp(1e-6, 1 - 1e-6)
         return replace(out, heatmap_logits=torch.logit(heat))
 
-    def _forward(self, x: torch.Tensor) -> DetectorOutput:
+    def _forward(self, x: torch.Tensor, text: np.ndarray | None = None) -> DetectorOutput:
+        from apps.medical.train import text_batch
+
+        device = next(self.model.parameters()).device
+        tt, tm = text_batch([text] * x.shape[0] if text is not None else [], device)
         if not self.bf16:
-            return self.model(x)
-        model = self.model.to(memory_format=torch.channels_last_3d)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(x.to(memory_format=torch.channels_last_3d))
+            out = self.model(x.to(device), tt, tm)
+        else:
+            model = self.model.to(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = model(x.to(device, memory_format=torch.channels_last_3d), tt, tm)
+        if device.type == "cpu":
+            return out
+        return DetectorOutput(  # maps back to the CPU for decoding
+            *(t.float().cpu() for t in (out.heatmap_logits, out.offset, out.log_diameter)),
+            *(t.float().cpu() for t in (out.solid_fraction, out.type_logits)),
+            picks=None if out.picks is None else out.picks.cpu(),
+        )
 
     def text_risk(self, text: str, use_text: bool = True) -> tuple[Risk, dict[str, str]]:
         from apps.medical.text import extract_risk
@@ -400,10 +441,10 @@ class MedicalService:
                 "no_volume", "no usable CT series" + (f" ({', '.join(reasons)})" if reasons else "")
             )
         vol = vols[0]
-        raw, heat = self.detect(vol)
         text_raw = read_clinical_text(study)
         # de-identify before anything reads or stores it
         text = (scan.deid if scan else _default_deid()).scrub_text(text_raw, study.identity)
+        raw, heat, picks = self.detect_with_picks(vol, text if use_text else None)
         risk, sources = self.text_risk(text, use_text)
         series = study.series.get(vol.series_uid)
         rep = self.report_from_findings(
@@ -416,7 +457,7 @@ class MedicalService:
             clinical_text=text if use_text else "",
             use_text=use_text,
         )
-        rep.volume, rep.heatmap = vol, heat
+        rep.volume, rep.heatmap, rep.picks_voxel = vol, heat, picks
         rep.series_meta = {k: v for k, v in vol.meta.items() if k != "warnings"}
         rep.source_paths = sorted({f.path for f in series.frames}) if series else []
         return rep

@@ -114,6 +114,22 @@ class ClinicalTextEncoder:
         emb = torch.nn.functional.normalize(emb, dim=-1)
         return emb.numpy().astype(np.float32)
 
+    def token_embeddings(self, text: str, max_tokens: int = 64) -> np.ndarray:
+        """(T, 384) float32 contextual token embeddings of ``text`` (MiniLM's last hidden layer,
+        at most ``max_tokens``, [CLS]/[SEP] included): the detector's text tokens."""
+        import torch
+
+        if not text.strip():
+            return np.zeros((0, 384), dtype=np.float32)
+        self._load()
+        assert self._tok is not None and self._model is not None
+        batch = self._tok(  # type: ignore[operator]
+            [text], truncation=True, max_length=max(8, max_tokens), return_tensors="pt"
+        )
+        with torch.no_grad():
+            hidden = self._model(**batch).last_hidden_state[0]  # (T, 384)
+        return hidden.numpy().astype(np.float32)
+
     def nearest_fact(self, sentence: str) -> tuple[tuple[str, str], float]:
         """The (fact, value) whose prototype is most similar to ``sentence``, with the cosine."""
         if self._proto is None:

@@ -33,6 +33,7 @@ import torch
 from apps.medical.model import (
     HU_WINDOW,
     TYPES,
+    DetectorOutput,
     NoduleDetector,
     detection_loss,
     make_targets,
@@ -59,6 +60,8 @@ class TrainConfig:
     channels: tuple[int, int, int] = (16, 32, 64)
     seed: int = 0
     bf16: bool | None = None  # bf16 autocast; None: where the CPU has native bf16 (AMX/AVX512)
+    encoder: str = "attention3d"  # stride-4 context: attention3d (baseline) | sparse (tokens)
+    device: str = "cpu"  # torch device; "cuda" trains on a GPU (bf16 autocast there by default)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -73,9 +76,15 @@ class TrainConfig:
             raise ValueError("hard_negative_fraction must be in [0, 1]")
         if any(not 0 < f < 1 for f in self.mine_at):
             raise ValueError("mine_at fractions must be in (0, 1)")
+        from apps.medical.tokens import ENCODERS
+
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
 
     def use_bf16(self) -> bool:
-        return native_bf16() if self.bf16 is None else self.bf16
+        if self.bf16 is not None:
+            return self.bf16
+        return torch.device(self.device).type == "cuda" or native_bf16()
 
 
 def native_bf16() -> bool:
@@ -95,6 +104,8 @@ class CaseData:
     nodules: list[dict[str, Any]]
     hard: np.ndarray | None = None  # (N, 3) voxel centres for hard-negative crops
     mined: np.ndarray | None = None  # (M, 3) the current model's false positives (mining)
+    text: str = ""  # de-identified clinical history (the token model reads it)
+    text_tokens: np.ndarray | None = None  # (T, 384) its MiniLM token embeddings
 
 
 def hard_negative_centres(image: np.ndarray, limit: int = 4000, seed: int = 0) -> np.ndarray:
@@ -138,7 +149,7 @@ def load_cases(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[CaseData]:
     """Ingest (or read the cache of) every study of an export that has a truth file."""
-    from apps.medical.pacs import load_study_volumes, scan_folder
+    from apps.medical.pacs import load_study_volumes, read_clinical_text, scan_folder
     from apps.medical.phantom import load_truth
 
     data_dir = Path(data_dir)
@@ -168,12 +179,14 @@ def load_cases(
         if hard is None:
             hard = hard_negative_centres(image.astype(np.float32))
             np.savez_compressed(f, image=image.astype(np.float16), affine=affine, hard=hard)
+        text = scan.deid.scrub_text(read_clinical_text(study), study.identity)
         cases.append(
             CaseData(
                 study.key,
                 image.astype(np.float32),
                 nodule_targets(truths[study.uid], affine),
                 hard,
+                text=text,
             )
         )
         if progress is not None:
@@ -219,6 +232,40 @@ def _crop(
     return out, nods
 
 
+def attach_text_tokens(cases: list[CaseData]) -> bool:
+    """MiniLM token embeddings of each case's text (once per case); False when MiniLM is not
+    installed (the token model then trains image-only)."""
+    from apps.medical.text import ClinicalTextEncoder
+
+    try:
+        enc = ClinicalTextEncoder()
+    except FileNotFoundError as exc:
+        log.warning("no clinical text tokens (%s): the token model trains image-only", exc)
+        return False
+    for c in cases:
+        if c.text_tokens is None:
+            c.text_tokens = enc.token_embeddings(c.text)
+    return True
+
+
+def text_batch(
+    tokens: list[np.ndarray | None], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Pad per-item text tokens (T_i, D) to (B, T, D) + (B, T) mask; (None, None) if none."""
+    if not tokens or all(t is None or len(t) == 0 for t in tokens):
+        return None, None
+    dim = next(t.shape[1] for t in tokens if t is not None and len(t))
+    T = max(len(t) if t is not None else 0 for t in tokens)
+    x = torch.zeros(len(tokens), T, dim)
+    m = torch.zeros(len(tokens), T, dtype=torch.bool)
+    for i, t in enumerate(tokens):
+        if t is not None and len(t):
+            x[i, : len(t)] = torch.from_numpy(t)
+            m[i, : len(t)] = True
+    m[:, 0] |= ~m.any(dim=1)  # an item without text keeps one (zero) token: no empty row
+    return x.to(device), m.to(device)
+
+
 def train_detector(
     cases: list[CaseData],
     cfg: TrainConfig = TrainConfig(),
@@ -229,13 +276,18 @@ def train_detector(
     (eval mode) and the loss history."""
     if not cases:
         raise ValueError("no training cases")
+    from apps.medical.tokens import build_detector
+
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = (
         init
         if init is not None
-        else NoduleDetector(channels=cfg.channels, spacing_mm=cfg.spacing_mm)
+        else build_detector(cfg.encoder, channels=cfg.channels, spacing_mm=cfg.spacing_mm)
     )
+    device = torch.device(cfg.device)
+    model.to(device)
+    use_text = bool(model.text_dim) and attach_text_tokens(cases)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     warm = max(1, cfg.steps // 10)
     # linear warm-up then cosine decay (works for any step count, unlike OneCycleLR at < 20)
@@ -244,7 +296,7 @@ def train_detector(
     )
     bf16 = cfg.use_bf16()
     model.train()
-    model.to(memory_format=torch.channels_last_3d)  # oneDNN's fast layout for Conv3d on CPU
+    model.to(memory_format=torch.channels_last_3d)  # oneDNN's (and cuDNN's) fast Conv3d layout
     # positives: every nodule of the set, subsolid ones (rarer in LIDC) drawn more often
     nods_all = [
         (i, j, n["type_index"]) for i, c in enumerate(cases) for j, n in enumerate(c.nodules)
@@ -261,7 +313,7 @@ def train_detector(
         if step in mine_steps:
             mine_false_positives(model, cases, bf16)
             model.train()
-        xs, ts = [], []
+        xs, ts, texts = [], [], []
         for _ in range(cfg.batch_size):
             u = rng.random()
             neg_cut = (
@@ -274,12 +326,14 @@ def train_detector(
                 case = cases[int(rng.integers(len(cases)))]
                 kind = "hard" if u < neg_cut else "random"
             img, nods = _crop(case, cfg.crop, rng, kind)
+            texts.append(case.text_tokens if use_text else None)
             xs.append(torch.from_numpy(img)[None])
             ts.append(make_targets(img.shape, nods, cfg.spacing_mm))
-        x = torch.stack(xs).to(memory_format=torch.channels_last_3d)  # (B, 1, crop, crop, crop)
-        t = {k: torch.stack([d[k] for d in ts]) for k in ts[0]}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
+        x = torch.stack(xs).to(device, memory_format=torch.channels_last_3d)  # (B, 1, c, c, c)
+        t = {k: torch.stack([d[k] for d in ts]).to(device) for k in ts[0]}
+        text, text_mask = text_batch(texts, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, text, text_mask)
         losses = detection_loss(out, t)
         opt.zero_grad()
         losses["total"].backward()
@@ -290,7 +344,7 @@ def train_detector(
         history.append(rec)
         if progress is not None:
             progress(step + 1, rec)
-    model.to(memory_format=torch.contiguous_format).eval()
+    model.to("cpu", memory_format=torch.contiguous_format).eval()
     return model, history
 
 
@@ -308,13 +362,19 @@ def mine_false_positives(
     from apps.medical.model import decode
 
     model.eval()
+    device = next(model.parameters()).device
     total = 0
     for case in cases:
         img = case.image
         pad = [(-s) % 4 for s in img.shape]
         x = torch.from_numpy(np.pad(img, [(0, p) for p in pad]))[None, None]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x.to(memory_format=torch.channels_last_3d))
+        text, text_mask = text_batch([case.text_tokens] if model.text_dim else [], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x.to(device, memory_format=torch.channels_last_3d), text, text_mask)
+        out = DetectorOutput(
+            *(t.float().cpu() for t in (out.heatmap_logits, out.offset, out.log_diameter)),
+            *(t.float().cpu() for t in (out.solid_fraction, out.type_logits)),
+        )
         cands = decode(out, threshold=threshold, max_candidates=max_per_case)[0]
         fps = []
         for c in cands:

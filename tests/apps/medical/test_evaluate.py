@@ -53,7 +53,9 @@ class _OracleService(MedicalService):
         d = Deidentifier()
         self.by_key = {d.study_key(uid): t for uid, t in truths.items()}
 
-    def detect(self, volume: Any) -> tuple[list[dict[str, Any]], Any]:
+    def detect_with_picks(
+        self, volume: Any, text: str | None = None
+    ) -> tuple[list[dict[str, Any]], Any, list[list[float]]]:
         t = self.by_key[volume.study_key]
         found = [
             {
@@ -67,7 +69,7 @@ class _OracleService(MedicalService):
             }
             for n in t["nodules"]
         ]
-        return found, None
+        return found, None, []
 
 
 def test_evaluate_export_with_oracle_detections(tmp_path_factory: pytest.TempPathFactory) -> None:
