@@ -23,6 +23,25 @@ def test_quick_bench_reports_both_sides_and_targets() -> None:
     assert floor["received"] == floor["sent"] == 1000 and 0 < floor["p50_ms"] <= floor["p99_ms"]
     assert out["client"].startswith("kafka-python") and isinstance(out["crc32c_native"], bool)
     assert out["fetch_wait_ms_latency"] > 0 and len(out["loadavg_1m"]) == 2
+    # the bench's scorer takes the alert path (a second output record) in both phases
+    assert len(out["alerts"]) == len(out["scorer_runs"]) and min(out["alerts"]) > 0
+    lat = out["latency"]
+    assert lat["service_alerts"] > 0 and lat["gc_frozen"] > 0 and floor["gc_frozen"] == 0
+    # every received output is split into the four stages, on one clock
+    for phase in (lat, floor):
+        assert phase["stamped"] == phase["received"]
+        assert set(phase["stages"]) == {"input_hop", "wait_and_score", "output_ack", "output_hop"}
+        assert all(st["p50_ms"] <= st["p99_ms"] for st in phase["stages"].values())
+        assert phase["service_cpu_us_per_tx"] > 0
+    costs = out["cost_us"]
+    assert set(costs) == {"validate", "features", "score_rest", "encode", "parse_label", "learn"}
+    assert all(v > 0 for v in costs.values())
+    assert out["app_us_per_tx"] == pytest.approx(sum(costs.values()), abs=0.2)
+    pass_cpu = out["passthrough_cpu_us_per_tx"]
+    assert 0 < pass_cpu < out["scorer_cpu_us_per_tx"]
+    assert out["ratio_bound"] == pytest.approx(
+        pass_cpu / (pass_cpu + out["app_us_per_tx"]), abs=2e-3
+    )
     t = out["targets"]
     assert t["ratio"]["met"] == (out["ratio"] >= 0.5)
     assert t["p99_ms"]["value"] == out["p99_ms"]

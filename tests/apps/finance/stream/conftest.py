@@ -71,6 +71,8 @@ def service_config(bootstrap: str, folder: Path, prefix: str = "", **kw: Any) ->
         scores=f"{prefix}scores", alerts=f"{prefix}alerts", dlq=f"{prefix}transactions.dlq"
     )
     kw.setdefault("idle_exit_s", 2.0)
+    # in-process services leave pytest's heap to its own GC; replicas (the CLI) freeze theirs
+    kw.setdefault("gc_freeze", False)
     return ServiceConfig(
         bootstrap=bootstrap,
         checkpoint_dir=folder,

@@ -130,6 +130,7 @@ def test_two_replicas_one_stops_the_other_takes_over_with_state(
     a.kill(signal.SIGTERM)  # mid-stream, graceful: checkpoint its partitions, leave the group
     assert a.wait(30) == 0, a.output()[-2000:]
     stopped = json.loads(_last_json(a.output(), "stopped"))
+    assert stopped["gc_frozen"] > 10_000  # the start-up objects left the cyclic GC
     # the partitions a had started on when it stopped (JSON keys are strings)
     owned_by_a = {
         int(p): off for p, off in stopped.get("tx_offsets", {}).items() if off is not None
