@@ -27,6 +27,7 @@ def test_quick_run_reports_every_variant_and_honest_targets() -> None:
     assert enc["linear_mb"]["int4"] < enc["linear_mb"]["int8"]
     assert enc["size_mb"]["int4"] < enc["size_mb"]["int8"] < enc["size_mb"]["fp32"]
     assert min(enc["cosine"][k] for k in ("int8", "fast_int8", "ort_int8")) > 0.95
+    assert enc["ort_graph"]["fused"].get("Attention") == 1, enc["ort_graph"]  # one layer, fused
     assert set(clf["accuracy"]) >= VARIANTS and clf["accuracy"]["fp32"] > 50
     assert "avx512_vnni" in res["cpu"] and "amx_int8" in res["cpu"]
     targets = res["targets"]

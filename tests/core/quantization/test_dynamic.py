@@ -133,3 +133,63 @@ def test_bad_arguments() -> None:
         dynamic_int8(_mlp(), min_cosine=1.5)
     with pytest.raises(ValueError, match=r"nn\.Module"):
         dynamic_int8(lambda x: x)  # type: ignore[arg-type]
+
+
+class _TinyBertEncoder(nn.Module):
+    """A randomly initialised 2-layer BERT behind the sentence-encoder call convention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=128,
+                         max_position_embeddings=64)  # fmt: skip
+        self.bert = BertModel(cfg).eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+        m = attention_mask.unsqueeze(-1).float()
+        return (h * m).sum(1) / m.sum(1)
+
+
+def _padded_batch(b: int, length: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(b * 100 + length)
+    ids = torch.randint(1, 120, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    for i in range(b):  # rows of different real lengths, the rest padding
+        mask[i, max(1, length - 3 * i) :] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+@pytest.mark.integration
+def test_ort_backend_fuses_a_bert_encoder_and_keeps_its_output() -> None:
+    enc = _TinyBertEncoder().eval()
+    ort = dynamic_int8(enc, _padded_batch(4, 12), backend="ort")
+    graph = ort.vigil_ort_graph
+    assert graph["fused"].get("Attention") == 2, graph  # one fused attention op per layer
+    assert graph["fused"].get("SkipLayerNormalization", 0) >= 2
+    assert enc.bert.config._attn_implementation != "eager"  # the caller's model untouched
+    other = _padded_batch(3, 20)  # padding masks, batch and length unlike the export
+    cos = torch.nn.functional.cosine_similarity(ort(**other), enc(**other), dim=1)
+    assert cos.min() > 0.99, cos
+
+
+@pytest.mark.integration
+def test_ort_backend_falls_back_to_the_plain_graph_when_fusion_fails(monkeypatch) -> None:
+    from core.quantization import dynamic
+
+    def broken(*args: object, **kwargs: object) -> dict[str, int]:
+        raise RuntimeError("no fusion today")
+
+    monkeypatch.setattr(dynamic, "fuse_transformer", broken)
+    enc = _TinyBertEncoder().eval()
+    example = _padded_batch(4, 12)
+    ort = dynamic_int8(enc, example, backend="ort")
+    assert ort.vigil_ort_graph["fused"] == {}
+    assert "no fusion today" in ort.vigil_ort_graph["fusion_note"]
+    cos = torch.nn.functional.cosine_similarity(ort(**example), enc(**example), dim=1)
+    assert cos.min() > 0.99, cos
+    plain = dynamic_int8(enc, example, backend="ort", fuse=False)
+    assert plain.vigil_ort_graph == {"fused": {}}
