@@ -242,9 +242,10 @@ def run_batch(
     if todo:
         from functools import partial
 
-        from pipelines.engine import run_items, settings_env
+        from pipelines.engine import run_items, settings_env, threads_per_worker
 
-        threads = max(1, (os.cpu_count() or 1) // workers) if engine == "local" else 1
+        # the engine's rule (it also caps OpenMP/BLAS in pool processes and Ray actors)
+        threads = threads_per_worker(workers) if engine == "local" else 1
         make_worker = partial(
             StudyWorker,
             str(model) if model is not None else None,
