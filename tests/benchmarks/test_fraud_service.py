@@ -26,7 +26,7 @@ def test_quick_bench_reports_both_sides_and_targets() -> None:
     # the bench's scorer takes the alert path (a second output record) in both phases
     assert len(out["alerts"]) == len(out["scorer_runs"]) and min(out["alerts"]) > 0
     lat = out["latency"]
-    assert lat["service_alerts"] > 0 and lat["gc_frozen"] > 0 and floor["gc_frozen"] == 0
+    assert lat["service_alerts"] > 0 and lat["gc_frozen"] > 0 and floor["gc_frozen"] > 0
     # every received output is split into the four stages, on one clock
     for phase in (lat, floor):
         assert phase["stamped"] == phase["received"]
