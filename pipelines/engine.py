@@ -5,8 +5,9 @@ worker process** (it loads the model and returns the per-item callable), then fe
 yields an :class:`Outcome` for each item *as it completes*, so the caller can update its manifest
 after every item. Workers write their (large) outputs themselves and return small records.
 
-* ``engine="local"`` (default): ``workers=1`` runs in this process; ``workers>1`` runs
-  ``spawn``-ed worker processes, each fed one item at a time over its own pipe.
+* ``engine="local"`` (default): ``workers=1`` runs in this process (in one child process with
+  ``item_timeout``); ``workers>1`` runs ``spawn``-ed worker processes, each fed one item at a
+  time over its own pipe.
 * ``engine="ray"``: ``workers`` actors (one CPU each, ``cpus_per_worker`` to change). With
   ``ray_address`` it joins that cluster (``ray.init(address=...)``); otherwise it starts a small
   local one and shuts it down at the end. A Ray session that is already initialised is reused.
@@ -335,9 +336,13 @@ def _run_pool(
                     free += 1
                 elif proc is not None and proc.ready and proc.item is None and queue:
                     i = queue.popleft()
+                    try:
+                        proc.conn.send((i, items[i]))
+                    except OSError:  # it died while idle: the sentinel below says so
+                        queue.appendleft(i)
+                        continue
                     tries[i] += 1
                     proc.item, proc.since = i, time.monotonic()
-                    proc.conn.send((i, items[i]))
             live = [(s, p) for s, p in enumerate(procs) if p is not None]
             if not queue and not any(p.item is not None for _, p in live):
                 break
