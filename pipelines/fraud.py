@@ -209,7 +209,7 @@ def replay(
         ),
     ] = None,
     max_retries: Annotated[
-        int, typer.Option(help="With --out: tries again a file whose worker failed or died.")
+        int, typer.Option(help="With --out: tries after the first for a file that crashed.")
     ] = 2,
     item_timeout: Annotated[
         float | None,
@@ -280,7 +280,8 @@ def replay(
     ] = None,
     history_epochs: Annotated[int, typer.Option(help="With --history-model train.")] = 4,
 ) -> None:
-    """Stream a file through the scorer with delayed labels; report AUC, AP, CP@100, F1, events/s."""
+    """Stream a file through the scorer with delayed labels; report AUC, AP, CP@100, F1, events/s.
+    With --out: several files, each on its own, on the batch engine; a manifest and a summary."""
     from apps.finance import evaluation, simulator
     from apps.finance.features import FeatureConfig
     from apps.finance.service import ScorerConfig
