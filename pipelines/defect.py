@@ -25,18 +25,28 @@ app = typer.Typer(
 )
 
 _NECK_HELP = "Neck: fpn_lite (default), fpn (full FPN) or none."
+_SIZE_HELP = "Square side images are resized to (multiple of 16); 448 = a 224² part at 2×."
 
 
 def _detector_kwargs(
-    neck: str, embed_dim: int, bank_size: int, sensitivity: float, fp32: bool, augment: bool
+    neck: str,
+    embed_dim: int,
+    bank_size: int,
+    sensitivity: float,
+    fp32: bool,
+    augment: bool,
+    image_size: int = 448,
 ) -> dict[str, Any]:
     from apps.manufacturing.model import NECKS
 
     if neck not in NECKS:
         raise UserError(f"--neck must be one of {', '.join(NECKS)} (got {neck!r})")
+    if image_size < 64 or image_size % 16:
+        raise UserError(f"--image-size must be a multiple of 16 and ≥ 64 (got {image_size})")
     return {
         "neck": neck,
         "embed_dim": embed_dim,
+        "image_size": image_size,
         "bank_size": bank_size,
         "sensitivity": sensitivity,
         "int8": not fp32,
@@ -92,7 +102,8 @@ def fit(
     ] = None,
     neck: Annotated[str, typer.Option(help=_NECK_HELP)] = "fpn_lite",
     embed_dim: Annotated[int, typer.Option(help="Patch-embedding size (≤ 128).")] = 128,
-    bank_size: Annotated[int, typer.Option(help="Memory-bank rows kept by the coreset.")] = 4096,
+    bank_size: Annotated[int, typer.Option(help="Memory-bank rows kept by the coreset.")] = 1024,
+    image_size: Annotated[int, typer.Option(help=_SIZE_HELP)] = 448,
     sensitivity: Annotated[float, typer.Option(help="0..1; 0.5 = calibrated threshold.")] = 0.5,
     fp32: Annotated[bool, typer.Option(help="Keep fp32 weights (default: INT8).")] = False,
     augment: Annotated[
@@ -111,7 +122,7 @@ def fit(
         raise UserError(f"--normal {normal}: not a folder")
     if defect is not None and not defect.is_dir():
         raise UserError(f"--defect {defect}: not a folder")
-    kwargs = _detector_kwargs(neck, embed_dim, bank_size, sensitivity, fp32, augment)
+    kwargs = _detector_kwargs(neck, embed_dim, bank_size, sensitivity, fp32, augment, image_size)
     try:
         det, report = service.fit_from_folders(normal, defect, masks, **kwargs)
     except (ValueError, FileNotFoundError) as exc:  # bad images/arguments, missing weights
@@ -270,7 +281,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the shot selection.")] = 0,
     neck: Annotated[str, typer.Option(help=_NECK_HELP)] = "fpn_lite",
     embed_dim: Annotated[int, typer.Option(help="Patch-embedding size (≤ 128).")] = 128,
-    bank_size: Annotated[int, typer.Option(help="Memory-bank rows kept by the coreset.")] = 4096,
+    bank_size: Annotated[int, typer.Option(help="Memory-bank rows kept by the coreset.")] = 1024,
+    image_size: Annotated[int, typer.Option(help=_SIZE_HELP)] = 448,
     fp32: Annotated[bool, typer.Option(help="Evaluate fp32 weights (default: INT8).")] = False,
 ) -> None:
     """Few-shot protocol per texture; metrics image_auroc, pixel_auroc, f1, type_accuracy.
@@ -283,7 +295,7 @@ def evaluate(
     from apps.manufacturing import service
     from core import tracking
 
-    kwargs = _detector_kwargs(neck, embed_dim, bank_size, 0.5, fp32, False)
+    kwargs = _detector_kwargs(neck, embed_dim, bank_size, 0.5, fp32, False, image_size)
     console = Console()
 
     def show(name: str, m: dict[str, Any]) -> None:

@@ -562,8 +562,14 @@ class FewShotDetector:
     Args:
         neck: ``"fpn_lite"``, ``"fpn"`` or ``"none"``.
         embed_dim: patch-embedding size (FPN necks; PCA of the fused 128 channels).
-        image_size: images are resized to this square before the network.
-        bank_size: memory-bank rows kept by the greedy coreset (all patches if fewer).
+        image_size: images are resized to this square before the network. 448 (a 224² part
+            image seen at 2×) puts small defects — 10 px pits, thin cracks, dark stains on
+            grass or gravel — at the scale the stride-8 features resolve. Chosen on scene
+            seeds 2 and 3 (40 normal + 1 defect per type, INT8): mean image AUROC 0.958 /
+            0.973 at 224 (bank 4096) → 0.980 / 0.988 at 448 (bank 1024); 384 gained less.
+        bank_size: memory-bank rows kept by the greedy coreset (all patches if fewer). At 448
+            the k-NN has 4× the queries; 1024 rows keep its cost where 4096 rows at 224 had
+            it, and scored as well as 2048 or 4096 rows on those seeds.
         augment: add the square symmetries (flips, 90° turns) the normal shots already show:
             ``"auto"`` tests each on the shots and keeps those that look normal; ``"none"``.
         normal_quantile: with normal-only validation, the threshold is this quantile of the
@@ -586,8 +592,8 @@ class FewShotDetector:
         self,
         neck: str = "fpn_lite",
         embed_dim: int = 128,
-        image_size: int = 224,
-        bank_size: int = 4096,
+        image_size: int = 448,
+        bank_size: int = 1024,
         augment: str = "none",
         normal_quantile: float = 1.0,
         margin: float = 1.05,

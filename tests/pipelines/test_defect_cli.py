@@ -103,6 +103,11 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     [
         (["fit", "--normal", "{tmp}/nope", "--out", "{tmp}/m.vdd"], "not a folder"),
         (["fit", "--normal", "{tmp}", "--out", "{tmp}/m.vdd", "--neck", "bifpn"], "--neck"),
+        (
+            ["fit", "--normal", "{tmp}", "--out", "{tmp}/m.vdd", "--image-size", "100"],
+            "--image-size",
+        ),
+        (["evaluate", "--data", "{tmp}", "--image-size", "8"], "--image-size"),
         (["predict", "{tmp}/junk.vdd", "{tmp}", "--out", "{tmp}/r.csv"], "cannot load model"),
         (
             ["predict", "{tmp}/junk.vdd", "{tmp}", "--out", "{tmp}/r.csv", "--sensitivity", "2"],

@@ -19,6 +19,10 @@ from apps.manufacturing.model import (
     nearest_distance,
 )
 
+# Tests of mechanics (thresholds, INT8 drift, ONNX kernels, augmentation) fit at 224² to stay
+# fast; the shared `fitted` detector and the bench use the shipped input side (448).
+SMALL = 224
+
 # ----------------------------------------------------------------------------- parts
 
 
@@ -146,7 +150,7 @@ def test_defect_types_are_learned_from_the_labelled_examples(fitted, brick_scene
 
 
 def test_normal_only_fit_uses_a_quantile_threshold_and_the_sensitivity_knob(brick_scenes) -> None:
-    det = FewShotDetector(engine="torch", bank_size=1024)
+    det = FewShotDetector(engine="torch", bank_size=1024, image_size=SMALL)
     det.fit([s.image for s in brick_scenes["fit"]])
     assert det.calibration is not None and det.calibration.method == "quantile"
     assert det.prototypes == {} and det.fit_info["n_defect"] == 0
@@ -190,7 +194,8 @@ def test_int8_stays_close_to_fp32(brick_scenes) -> None:
     y = [s.defect_type is not None for s in test]
     aucs = {}
     for int8 in (False, True):
-        det = FewShotDetector(engine="torch", int8=int8, bank_size=1024).fit(shots)
+        det = FewShotDetector(engine="torch", int8=int8, bank_size=1024, image_size=SMALL)
+        det.fit(shots)
         aucs[int8] = roc_auc_score(y, det.raw_scores([s.image for s in test]))
     assert aucs[True] >= aucs[False] - 0.03, aucs
 
@@ -202,7 +207,7 @@ def test_int8_onnx_detector_runs_int8_kernels_and_saves_its_graph(brick_scenes, 
     shots = [s.image for s in brick_scenes["fit"]]
     test = brick_scenes["good"] + brick_scenes["defects"][1::2]
     images = [s.image for s in test]
-    det = FewShotDetector(engine="onnx", int8=True, bank_size=1024).fit(shots)
+    det = FewShotDetector(engine="onnx", int8=True, bank_size=1024, image_size=SMALL).fit(shots)
     assert det.int8_kernels and det.fit_info["int8_kernels"]
     assert det.net.runtime is not None
     ops = {n.op_type for n in onnx.load_from_string(det.net.runtime.onnx).graph.node}
@@ -217,7 +222,8 @@ def test_int8_onnx_detector_runs_int8_kernels_and_saves_its_graph(brick_scenes, 
     np.testing.assert_allclose(pickled.raw_scores(images), det.raw_scores(images), rtol=1e-5)
     y = [s.defect_type is not None for s in test]
     assert roc_auc_score(y, det.raw_scores(images)) >= 0.9
-    fp32 = FewShotDetector(engine="onnx", int8=False, bank_size=1024).fit(shots)
+    fp32 = FewShotDetector(engine="onnx", int8=False, bank_size=1024, image_size=SMALL)
+    fp32.fit(shots)
     assert not fp32.int8_kernels
 
 
@@ -256,7 +262,9 @@ def test_auto_augmentation_keeps_only_the_symmetries_the_surface_has() -> None:
 
     # Brushed metal is streaked horizontally: flips leave it normal, 90° turns do not.
     shots = [make_scene("brushed_metal", None, seed=2, index=i).image for i in range(3)]
-    det = FewShotDetector(engine="torch", augment="auto", bank_size=2048).fit(shots)
+    det = FewShotDetector(engine="torch", augment="auto", bank_size=2048, image_size=SMALL)
+    det.fit(shots)
     assert "hflip" in det.augmentations
     assert not {"rot90", "rot270", "transpose", "antitranspose"} & set(det.augmentations)
-    assert det.fit_info["candidate_patches"] == 3 * 28 * 28 * (1 + len(det.augmentations))
+    side = SMALL // 8  # stride-8 patches
+    assert det.fit_info["candidate_patches"] == 3 * side * side * (1 + len(det.augmentations))
