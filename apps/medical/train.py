@@ -13,7 +13,12 @@ isotropic spacing and cached as ``DIR/cache/sp<mm>/<study_key>.npz``. Training s
 * random crops anywhere.
 
 CenterNet loss, AdamW with warm-up + cosine; bf16 autocast in channels-last where the CPU has
-native bf16. The run goes to MLflow and the model is registered with alias ``champion``.
+native bf16 (always on a GPU: ``TrainConfig(device="cuda")``). The run goes to MLflow and the
+model is registered with alias ``champion``.
+
+``TrainConfig(encoder="sparse")`` trains the token model of :mod:`apps.medical.tokens` (CT tokens
++ the study's clinical-history tokens from MiniLM through ``core.attention.SparseEncoder``); each
+crop carries its study's text tokens. Without MiniLM installed it trains image-only.
 """
 
 from __future__ import annotations

@@ -138,3 +138,37 @@ def test_trained_scorer_picks_nodules_more_often_than_chance(
     res = summarize_picks(stats)
     assert res is not None
     assert res["near_nodule_fraction"] > res["chance_fraction"], res
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_cli_trains_either_encoder_and_evaluates_the_ablation(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_store: str
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.errors import UserError
+    from tests.apps.medical.test_service import tiny_export
+
+    root, _ = tiny_export(tmp_path_factory)
+    run = CliRunner().invoke
+    small = ["--steps", "2", "--batch-size", "2", "--crop", "16", "--threads", "1", "--no-register"]
+    for enc in ("sparse", "attention3d"):
+        r = run(app, ["medical", "train", "--data", str(root), "--out", str(tmp_path / f"{enc}.pt"),
+                      "--encoder", enc, *small])  # fmt: skip
+        assert r.exit_code == 0, r.output
+    r = run(app, ["medical", "train", "--data", str(root), "--encoder", "performer", *small])
+    assert isinstance(r.exception, UserError) and "encoder must be one of" in str(r.exception)
+    out = tmp_path / "eval.json"
+    r = run(app, ["medical", "evaluate", "--data", str(root), "--model", str(tmp_path / "sparse.pt"),
+                  "--ablation", str(tmp_path / "attention3d.pt"), "--json", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["ablation"]
+    assert [row["encoder"] for row in rows] == ["sparse", "attention3d"]
+    assert rows[0]["topk_picks"]["picks"] > 0 and rows[1]["topk_picks"] is None
+    assert all(0 <= row["cpm"] <= 1 and row["seconds_per_study"] > 0 for row in rows)
+    r = run(app, ["medical", "evaluate", "--data", str(root), "--ablation", str(tmp_path / "x.pt")])
+    assert isinstance(r.exception, UserError) and "no such file" in str(r.exception)
