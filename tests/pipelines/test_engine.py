@@ -175,13 +175,13 @@ def test_local_item_timeout_stops_a_hung_item_and_the_job_finishes(tmp_path: Pat
     t0 = time.monotonic()
     got = _collect(
         run_items(
-            items, partial(_make_worker, tmp_path), workers=1, max_retries=1, item_timeout=1.0
+            items, partial(_make_worker, tmp_path), workers=1, max_retries=1, item_timeout=1.5
         )
     )
     assert time.monotonic() - t0 < 60
     hung = got[("sleep", 3600)]
     assert (hung.ok, hung.attempts, hung.worker_died) == (False, 2, True)
-    assert hung.error == "timed out after 1 s"
+    assert hung.error == "timed out after 1.5 s"
     again = got[("once-hang", 1)]  # hung once, then fine on a fresh worker
     assert again.ok and again.attempts == 2 and again.value["square"] == 1
     assert got[("ok", 2)].ok and got[("ok", 3)].ok
@@ -194,9 +194,9 @@ def test_local_item_timeout_excludes_worker_start_up(tmp_path: Path) -> None:
     got = list(
         run_items(
             [("ok", 1), ("ok", 2)],
-            partial(_make_slow_worker, tmp_path, 2.0),
+            partial(_make_slow_worker, tmp_path, 3.0),
             workers=2,
-            item_timeout=1.0,
+            item_timeout=2.0,
         )
     )
     assert all(o.ok and o.attempts == 1 for o in got)
