@@ -144,3 +144,15 @@ def test_no_findings_report(written: tuple) -> None:
     assert d["findings"] == [] and d["icd10"][0]["code"] not in ("R91.1", "R91.8")
     assert d["lung_rads"]["category"] == "1"
     assert d["sentences"][0]["text"] == "No pulmonary nodule was detected."
+
+
+def test_key_images_mark_the_token_models_top_k_picks(written: tuple) -> None:
+    from dataclasses import replace
+
+    from apps.medical.report import key_images
+
+    rep = written[0]
+    f = rep.findings[0]
+    plain = key_images(rep, max_images=1)
+    marked = key_images(replace(rep, picks_voxel=[list(f.voxel), [0.0, 0.0, f.voxel[2]]]), 1)
+    assert len(plain) == len(marked) == 1 and plain[0][1] != marked[0][1]
