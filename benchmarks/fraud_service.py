@@ -310,16 +310,22 @@ def _stages(
         # acknowledged → a downstream consumer's poll returns it
         "output_hop": [got[k][0] - stamps[k][2] for k in keys],
     }
-    gc_ms: dict[str, list[float]] = {}
-    for gen, pause_ms in trace["gc"]:
-        gc_ms.setdefault(f"gen{gen}", []).append(pause_ms)
+    gc_ms: dict[str, list[tuple[float, float]]] = {}
+    for gen, wall_ms, cpu_ms in trace["gc"]:
+        gc_ms.setdefault(f"gen{gen}", []).append((wall_ms, cpu_ms))
     return {
         "stages": {name: _pcts(v) for name, v in stages.items()},
         "stamped": len(keys),
         "service_cpu_us_per_tx": _cpu_per_tx(trace["cpu"], warm),
         "service_alerts": trace.get("alerts", 0),
         "gc_pauses_while_serving": {
-            g: {"count": len(v), "total_ms": round(sum(v), 1), "max_ms": round(max(v), 1)}
+            g: {
+                "count": len(v),
+                "total_ms": round(sum(w for w, _ in v), 1),
+                "max_ms": round(max(w for w, _ in v), 1),
+                "total_cpu_ms": round(sum(c for _, c in v), 1),
+                "max_cpu_ms": round(max(c for _, c in v), 1),
+            }
             for g, v in sorted(gc_ms.items())
         },
         "gc_frozen": trace.get("gc_frozen", 0),
@@ -339,11 +345,11 @@ class _Tracer:
 
     def __init__(self) -> None:
         self.stamps: dict[tuple[int, int], list[float]] = {}
-        self.gc: list[tuple[int, float]] = []
+        self.gc: list[tuple[int, float, float]] = []
         self.cpu0: float | None = None
         self.cpu: list[tuple[int, float]] = []
         self.frozen = 0
-        self._gc_t0 = 0.0
+        self._gc_t0 = self._gc_c0 = 0.0
 
     def polled(self, batch: dict[Any, list[Any]], topic: str) -> None:
         now = time.time()
@@ -363,10 +369,13 @@ class _Tracer:
             future.add_callback(lambda _md: stamp.__setitem__(2, time.time()))
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        # wall time (what a waiting event sees) and the collecting thread's CPU time (what the
+        # collection itself costs; on a loaded machine the wall time also holds preemption)
         if phase == "start":
-            self._gc_t0 = time.perf_counter()
+            self._gc_t0, self._gc_c0 = time.perf_counter(), time.thread_time()
         elif self.cpu0 is not None:  # while serving, not at start-up
-            self.gc.append((info["generation"], (time.perf_counter() - self._gc_t0) * 1000.0))
+            wall = (time.perf_counter() - self._gc_t0) * 1000.0
+            self.gc.append((info["generation"], wall, (time.thread_time() - self._gc_c0) * 1000.0))
 
     def dump(self, path: str, **extra: Any) -> None:
         import json

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 
 def test_freeze_moves_live_objects_out_of_the_cyclic_gc_and_unfreeze_restores() -> None:
@@ -19,3 +20,20 @@ def test_freeze_moves_live_objects_out_of_the_cyclic_gc_and_unfreeze_restores() 
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0 and in_oldest_generation()
+
+
+def test_survivors_of_each_full_collection_are_frozen_too(tmp_path: Path) -> None:
+    from apps.finance.stream.serve import FraudService, ServiceConfig
+
+    svc = FraudService(ServiceConfig(bootstrap="127.0.0.1:1", checkpoint_dir=tmp_path))
+    svc.gc_frozen, svc._gc_full = 1, gc.get_stats()[2]["collections"]
+    try:
+        svc._refreeze_gc()
+        assert gc.get_freeze_count() == 0  # no full collection since: nothing to do
+        state = [[i] for i in range(1_000)]  # long-lived containers made while serving
+        gc.collect()
+        svc._refreeze_gc()
+        assert svc.gc_frozen == gc.get_freeze_count() > 1_000
+        assert not any(o is state for o in gc.get_objects(generation=2))
+    finally:
+        gc.unfreeze()
