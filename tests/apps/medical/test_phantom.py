@@ -88,3 +88,15 @@ def test_tree_export_mixes_file_names(tmp_path: Path) -> None:
     phantom.write_export(tmp_path, 3, seed=4, cfg=SMALL)
     names = [p.name for p in (tmp_path / "pacs").rglob("IM*")]
     assert any(n.endswith(".dcm") for n in names) and any("." not in n for n in names)
+
+
+def test_subsolid_share_sets_the_type_mix() -> None:
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="subsolid_share"):
+        phantom.PhantomConfig(subsolid_share=1.5)
+    cfg = replace(SMALL, min_nodules=4, max_nodules=4, second_recon=0.0)
+    rich = [n["type"] for i in range(2) for n in phantom.synth_study(4, i, replace(cfg, subsolid_share=1.0)).truth["nodules"]]  # fmt: skip
+    solid = [n["type"] for i in range(2) for n in phantom.synth_study(4, i, replace(cfg, subsolid_share=0.0)).truth["nodules"]]  # fmt: skip
+    assert rich and all(t != "solid" for t in rich)
+    assert solid and all(t == "solid" for t in solid)
