@@ -17,7 +17,9 @@ packed group-128 weights dequantized on the fly — a *storage* format); ``fast_
 ``onnxruntime.transformers`` into Attention/SkipLayerNorm/BiasGelu ops — before/after its
 ``quantize_dynamic``); baselines ``ao_dynamic_int8`` (``torch.ao`` ``quantize_dynamic`` as
 shipped: 7-bit activations, per-tensor weights) and ``torchao_int8`` (torchao
-``Int8DynamicActivationInt8WeightConfig``, encoder only, full run only).
+``Int8DynamicActivationInt8WeightConfig``, encoder only, full run only) and
+``ort_int8_unfused`` (ONNX Runtime INT8 of the plain export, encoder full run only: what the
+graph fusion adds).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def _variants(
     embeddings: bool,
     ao_baseline: bool = False,
     torchao_baseline: bool = False,
+    unfused_baseline: bool = False,
 ) -> dict[str, tuple[Any, Callable[..., Any]]]:
     """name -> (model object for sizes, callable for timing)."""
     from core.quantization import Quantizer, dynamic_int8
@@ -129,6 +132,8 @@ def _variants(
         out["ao_dynamic_int8"] = (m := _ao_dynamic(fp32), m)
     if torchao_baseline:
         out["torchao_int8"] = (m := _torchao(fp32), m)
+    if unfused_baseline:  # what the graph fusion adds to ort_int8
+        out["ort_int8_unfused"] = (m := dynamic_int8(fp32, example, backend="ort", fuse=False), m)
     return out
 
 
@@ -181,7 +186,8 @@ def _encoder(quick: bool, repeats: int) -> dict[str, Any]:
     b8 = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     b1 = {k: v[:1] for k, v in b8.items()}
     # quick skips the 30k-row word-embedding table (its packing is unit-tested elsewhere)
-    variants = _variants(enc, b8, not quick, ao_baseline=not quick, torchao_baseline=not quick)
+    variants = _variants(enc, b8, not quick, ao_baseline=not quick, torchao_baseline=not quick,
+                         unfused_baseline=not quick)  # fmt: skip
     ms = _measure(variants, {"b1": b1, "b8": b8}, repeats)
     cos, cos_min = {}, {}
     with torch.inference_mode():
@@ -285,20 +291,25 @@ def run(quick: bool = False) -> dict[str, Any]:
     from core.quantization import cpu_flags
 
     repeats = 2 if quick else 20
+    load_start = os.getloadavg()[0]
     with torch.inference_mode(False):
         clf = _classifier(quick, repeats)
     enc = _encoder(quick, repeats)
     cpu = dict(cpu_flags())
+    load = {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}
     return {
         "encoder": enc,
         "classifier": clf,
         "cpu": cpu,
         "torch_threads": torch.get_num_threads(),
+        "load_avg_1min": load,
         "targets": _targets(enc, clf, cpu),
         "notes": [
             "int8/int4 are Vigil's packed storage formats (dequantized per call): they win on "
             "size, not speed; fast_int8 / ort_int8 are the inference paths.",
-            "ms values are medians of interleaved repeats in one process; ratios are robust to "
-            "machine load, absolute values are not.",
+            "ms values are medians of interleaved repeats in one process. Under heavy machine "
+            "load (load_avg_1min well above the core count) even the ratios are not robust: "
+            "torch's OpenMP threads lose far more to a busy neighbour than ONNX Runtime's "
+            "non-spinning pool, so ORT's speed-up is overstated: re-run on a quiet machine.",
         ],
     }

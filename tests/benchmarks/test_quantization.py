@@ -30,6 +30,7 @@ def test_quick_run_reports_every_variant_and_honest_targets() -> None:
     assert enc["ort_graph"]["fused"].get("Attention") == 1, enc["ort_graph"]  # one layer, fused
     assert set(clf["accuracy"]) >= VARIANTS and clf["accuracy"]["fp32"] > 50
     assert "avx512_vnni" in res["cpu"] and "amx_int8" in res["cpu"]
+    assert set(res["load_avg_1min"]) == {"start", "end"}  # the load the numbers were taken at
     targets = res["targets"]
     assert len(targets) >= 5
     for t in targets.values():
