@@ -883,8 +883,12 @@ class FewShotDetector:
     def save(self, path: str | Path) -> Path:
         """Write the fitted model (weights, memory bank, thresholds, prototypes) to one file.
 
-        An ``int8`` detector stores its conv weights packed INT8 (:mod:`core.quantization`)
-        and the bank as INT8 rows; otherwise fp32 weights and an fp16 bank.
+        An ``int8`` detector fitted on ONNX Runtime stores its static INT8 graph, which holds
+        every conv weight (S8, per channel) — the torch copy of the network is saved without
+        weights and rebuilt from the graph on load, so weights are stored once (full-FPN file
+        2.19 → 1.19 MB). Without that graph, conv weights are packed INT8
+        (:mod:`core.quantization`). The bank is INT8 rows; an fp32 detector keeps fp32
+        weights and an fp16 bank.
         """
         import copy
 
@@ -904,7 +908,11 @@ class FewShotDetector:
         bank = PackedBank(net.memory_bank, int8=int8)
         net.memory_bank = torch.zeros(0, net.embed_dim)
         net.bank_sq = torch.zeros(0)
-        if int8:
+        if onnx_int8 is not None:
+            # The INT8 graph holds every conv weight (S8, per channel): keep them once, there;
+            # load() rebuilds the torch convs from it.
+            _strip_conv_weights(net)
+        elif int8:
             # Re-packing weights that were already quantized gives back the same codes/scales.
             net = _int8_plan(net).compress()
         meta = {
@@ -917,6 +925,7 @@ class FewShotDetector:
             "prototypes": {k: v.tolist() for k, v in self.prototypes.items()},
             "augmentations": self.augmentations,
             "fit_info": self.fit_info,
+            "weights_in_graph": onnx_int8 is not None,
         }
         return save_compressed(_SavedDetector(net, bank, onnx_int8), path, metadata=meta)
 
@@ -924,8 +933,9 @@ class FewShotDetector:
     def load(cls, path: str | Path, engine: str | None = None) -> FewShotDetector:
         """Restore a detector written by :meth:`save` (INT8 weights are dequantized once);
         ``engine`` overrides the saved one. An INT8 detector fitted on ONNX Runtime runs its
-        saved static INT8 graph; loaded with ``engine="torch"`` it runs the INT8 weights in
-        fp32 instead, whose embeddings differ slightly from the bank's (cosine ≈ 0.99)."""
+        saved static INT8 graph; loaded with ``engine="torch"`` it runs that graph's INT8
+        weights in fp32 instead (no activation rounding: embeddings cosine ≈ 0.98 to the
+        graph's, the bank's source)."""
         from core.quantization import decompress, load_compressed, read_header
 
         header = read_header(path)
@@ -941,6 +951,11 @@ class FewShotDetector:
             raise ValueError(f"{path}: payload is not a saved defect detector")
         net = decompress(saved.net)
         assert isinstance(net, DefectNet)
+        graph = getattr(saved, "onnx_int8", None)  # format 1 files have none
+        if meta.get("weights_in_graph"):
+            if graph is None:
+                raise ValueError(f"{path}: the INT8 graph that holds the weights is missing")
+            conv_weights_from_onnx(net, graph.numpy().tobytes())
         net.set_bank(saved.bank.decode())
         cfg = dict(meta["config"])
         det = cls.__new__(cls)
@@ -956,7 +971,6 @@ class FewShotDetector:
                 raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
             det.config["engine"] = engine
         det._start_engine()
-        graph = getattr(saved, "onnx_int8", None)  # format 1 files have none
         if graph is not None and det.net.onnx_wanted:
             det.net.runtime = OnnxEmbedder.from_bytes(graph.numpy().tobytes(), int8=True)
         return det
@@ -1037,7 +1051,66 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     return decompress(_int8_plan(module).compress()).eval()
 
 
-FORMAT_VERSION = 2  # 2: INT8 detectors carry their static INT8 ONNX graph
+# 2: INT8 detectors carry their static INT8 ONNX graph; 3: and their conv weights only there
+FORMAT_VERSION = 3
+
+
+def _strip_conv_weights(net: nn.Module) -> None:
+    """Empty every conv's weight and bias (they are restored by :func:`conv_weights_from_onnx`)."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(0), requires_grad=False)
+
+
+def _torch_name(onnx_node: str) -> str:
+    """The torch module path of an exported node: scopes ``/neck/smooth_fine/smooth_fine.1/Conv``
+    nest local names (``smooth_fine.1`` inside ``smooth_fine`` is child ``1``)."""
+    parts: list[str] = []
+    parent = ""
+    for scope in onnx_node.split("/")[1:-1]:
+        parts.append(
+            scope[len(parent) + 1 :] if parent and scope.startswith(parent + ".") else scope
+        )
+        parent = scope
+    return ".".join(parts)
+
+
+def conv_weights_from_onnx(net: DefectNet, graph: bytes) -> None:
+    """Set ``net``'s trunk + neck conv weights from a static INT8 (QOperator) graph exported
+    from it: each ``QLinearConv``'s S8 weight × its per-channel scale, its INT32 bias × input
+    scale × weight scale. Nodes are matched to convs by their export scope name; every conv
+    must be found once, with the same shape."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(graph)
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    convs = {k: m for k, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    nodes = {_torch_name(n.name): n for n in model.graph.node if n.op_type == "QLinearConv"}
+    if set(nodes) != set(convs):
+        missing = sorted(set(convs) ^ set(nodes))[:3]
+        raise ValueError(f"INT8 graph and network convs differ (e.g. {missing})")
+    for name, conv in convs.items():
+        node = nodes[name]
+        codes = init[node.input[3]].astype(np.float32)  # (out, in/groups, kh, kw)
+        per_out = (-1, *([1] * (codes.ndim - 1)))
+        w_scale = np.asarray(init[node.input[4]], dtype=np.float32).reshape(-1)
+        w_zero = np.asarray(init[node.input[5]], dtype=np.float32).reshape(-1)
+        weight = torch.from_numpy((codes - w_zero.reshape(per_out)) * w_scale.reshape(per_out))
+        expected = (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"INT8 graph conv {name}: {tuple(weight.shape)} ≠ {expected}")
+        conv.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        if conv.bias is not None:
+            b = np.zeros(conv.out_channels, np.float32)
+            if len(node.input) > 8 and node.input[8]:
+                x_scale = float(np.asarray(init[node.input[1]]).reshape(-1)[0])
+                b = init[node.input[8]].astype(np.float32) * x_scale * w_scale
+            conv.bias = nn.Parameter(torch.from_numpy(b), requires_grad=False)
+
+
 _CALIBRATION_SHOTS = 16  # normal shots that fix the INT8 activation scales
 
 

@@ -222,6 +222,11 @@ def test_int8_onnx_detector_runs_int8_kernels_and_saves_its_graph(brick_scenes, 
     np.testing.assert_allclose(pickled.raw_scores(images), det.raw_scores(images), rtol=1e-5)
     y = [s.defect_type is not None for s in test]
     assert roc_auc_score(y, det.raw_scores(images)) >= 0.9
+    # The conv weights are stored once, inside the graph (+ the INT8 bank and metadata).
+    assert path.stat().st_size < len(det.net.runtime.onnx) + 0.25e6
+    eager = FewShotDetector.load(path, engine="torch")  # torch convs rebuilt from the graph
+    assert not eager.int8_kernels
+    assert roc_auc_score(y, eager.raw_scores(images)) >= 0.9
     fp32 = FewShotDetector(engine="onnx", int8=False, bank_size=1024, image_size=SMALL)
     fp32.fit(shots)
     assert not fp32.int8_kernels
