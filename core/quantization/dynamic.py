@@ -14,10 +14,13 @@ cosine vs fp32; batch-1 speed-up vs torch fp32; AMD EPYC Zen 4, AVX-512 VNNI, no
   (:func:`fuse_transformer`: one ``Attention`` op per layer, ``SkipLayerNormalization``,
   ``BiasGelu``, ``EmbedLayerNormalization``), then quantized to ``QAttention`` +
   ``DynamicQuantizeMatMul``: ~60 nodes instead of ~300, so far fewer thread-pool hand-offs at
-  batch 1 (the unfused INT8 graph: ~2.5×, its compute is the same). Cosine 0.993 (the word
-  embedding stays float: quantizing it costs 0.002 for no speed; file 1.5× smaller, not 4×).
-  The session does not spin after a run (ORT's default spin doubled the latency of the torch
-  model run next), so torch code around it keeps the cores. Needs example inputs to export; the
+  batch 1. Same single-thread CPU time as the unfused INT8 graph (~2.5× on a quiet machine),
+  1.25-1.5× faster than it with 2 threads in interleaved runs on a busy machine; re-measure
+  quietly with ``vigil bench quantization`` (``ort_int8`` vs ``ort_int8_unfused``).
+  Cosine 0.993 (the word embedding stays float: quantizing it costs 0.002 for no speed; file
+  1.5× smaller, not 4×). The session does not spin after a run (with ORT's default spin, the
+  torch model timed right after it ran 2× slower), so torch code around it keeps the cores;
+  ``OrtModule(spin_us=...)`` bounds a spin instead. Needs example inputs to export; the
   returned module speaks tensors only (no HF ``ModelOutput``).
 * ``"torchao"`` — torchao ``Int8DynamicActivationInt8WeightConfig``: most accurate (0.997,
   per-token activation scales) but no faster than fp32 here without ``torch.compile``;

@@ -174,6 +174,11 @@ def test_ort_backend_fuses_a_bert_encoder_and_keeps_its_output() -> None:
     other = _padded_batch(3, 20)  # padding masks, batch and length unlike the export
     cos = torch.nn.functional.cosine_similarity(ort(**other), enc(**other), dim=1)
     assert cos.min() > 0.99, cos
+    # the same graph with a bounded spin between operators computes the same thing
+    spin = OrtModule(ort.onnx_model.numpy().tobytes(), ort.input_names, [], spin_us=50)
+    torch.testing.assert_close(spin(**other), ort(**other))
+    with pytest.raises(ValueError, match="spin_us"):
+        OrtModule(b"", [], [], spin_us=-1)
 
 
 @pytest.mark.integration
