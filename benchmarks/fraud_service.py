@@ -318,6 +318,8 @@ def _stages(
         "stamped": len(keys),
         "service_cpu_us_per_tx": _cpu_per_tx(trace["cpu"], warm),
         "service_alerts": trace.get("alerts", 0),
+        # > 0 would mean some transactions were scored on --label-wait, not on a watermark
+        "label_wait_timeouts": trace.get("label_wait_timeouts", 0),
         "gc_pauses_while_serving": {
             g: {
                 "count": len(v),
@@ -401,11 +403,7 @@ def _serve_latency_topics(
     gc.callbacks.append(tracer.on_gc)
     prefix = f"lat-{mode}"
     if mode == "passthrough":
-        if gc_freeze:  # the floor gets the service's start-up GC treatment too
-            from apps.finance.stream.serve import _freeze_gc
-
-            tracer.frozen = _freeze_gc()
-        _passthrough_forever(bootstrap, prefix, tracer)
+        _passthrough_forever(bootstrap, prefix, tracer, gc_freeze)
         if trace:
             tracer.dump(trace, gc_frozen=tracer.frozen)
         return
@@ -449,10 +447,15 @@ def _serve_latency_topics(
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())
     svc.run()
     if trace:
-        tracer.dump(trace, alerts=svc.alerts, gc_frozen=svc.gc_frozen)
+        tracer.dump(
+            trace,
+            alerts=svc.alerts,
+            gc_frozen=svc.gc_frozen,
+            label_wait_timeouts=svc.label_timeouts,
+        )
 
 
-def _passthrough_forever(bootstrap: str, prefix: str, tracer: _Tracer) -> None:
+def _passthrough_forever(bootstrap: str, prefix: str, tracer: _Tracer, gc_freeze: bool) -> None:
     """Raw consume → produce until SIGTERM; the output carries the input's timestamp."""
     import signal
 
@@ -469,6 +472,10 @@ def _passthrough_forever(bootstrap: str, prefix: str, tracer: _Tracer) -> None:
         fetch_max_wait_ms=FETCH_WAIT_MS,
     )
     producer = make_producer(bootstrap, linger_ms=1)
+    if gc_freeze:  # the floor gets the service's start-up GC treatment too
+        from apps.finance.stream.serve import _freeze_gc
+
+        tracer.frozen = _freeze_gc()
     try:
         while not stop.is_set():
             batch = consumer.poll(timeout_ms=20)

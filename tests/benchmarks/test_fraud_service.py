@@ -27,6 +27,7 @@ def test_quick_bench_reports_both_sides_and_targets() -> None:
     assert len(out["alerts"]) == len(out["scorer_runs"]) and min(out["alerts"]) > 0
     lat = out["latency"]
     assert lat["service_alerts"] > 0 and lat["gc_frozen"] > 0 and floor["gc_frozen"] > 0
+    assert lat["label_wait_timeouts"] == 0  # every transaction waited for its watermark
     # every received output is split into the four stages, on one clock
     for phase in (lat, floor):
         assert phase["stamped"] == phase["received"]

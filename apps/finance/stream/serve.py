@@ -359,6 +359,11 @@ class FraudService:
             self.parts[p] = part
             self.metrics.model.info({"version": scorer.model_version})
         self.metrics.partitions.set(len(self.parts))
+        if self.gc_frozen and partitions:
+            # the scorers (and restored windows) are long-lived: out of the cyclic GC before
+            # serving, rather than walked by the first full collection in the middle of it
+            self.gc_frozen = _freeze_gc()
+            self._gc_full = gc.get_stats()[2]["collections"]
         self._assigned_at = time.monotonic()
 
     def _generation(self) -> int:
@@ -864,7 +869,7 @@ class FraudService:
 
 
 def _freeze_gc() -> int:
-    """Move every object alive after start-up to the permanent GC generation; returns how many.
+    """Move every live object to the permanent GC generation; returns how many are frozen.
 
     River, scipy, pandas and kafka-python leave ~160k container objects behind at import. A
     full (generation 2) collection walks all of them: one measured 375-645 ms of wall time in
@@ -877,7 +882,7 @@ def _freeze_gc() -> int:
     gc.collect()
     gc.freeze()
     n = gc.get_freeze_count()
-    log.info("froze %d start-up objects out of the cyclic GC", n, extra={"gc_frozen": n})
+    log.info("froze %d live objects out of the cyclic GC", n, extra={"gc_frozen": n})
     return n
 
 
