@@ -457,6 +457,7 @@ def _serve_latency_topics(
 
 def _passthrough_forever(bootstrap: str, prefix: str, tracer: _Tracer, gc_freeze: bool) -> None:
     """Raw consume → produce until SIGTERM; the output carries the input's timestamp."""
+    import gc
     import signal
 
     from core.broker import make_consumer, make_producer
@@ -476,8 +477,12 @@ def _passthrough_forever(bootstrap: str, prefix: str, tracer: _Tracer, gc_freeze
         from apps.finance.stream.serve import _freeze_gc
 
         tracer.frozen = _freeze_gc()
+    full = gc.get_stats()[2]["collections"]
     try:
         while not stop.is_set():
+            if gc_freeze and gc.get_stats()[2]["collections"] != full:
+                full = gc.get_stats()[2]["collections"]  # as FraudService._refreeze_gc
+                gc.freeze()
             batch = consumer.poll(timeout_ms=20)
             tracer.polled(batch, f"{prefix}.transactions")
             for tp, records in batch.items():
