@@ -81,6 +81,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     big_shots = 5 if quick else 40
     shipped = inspect.signature(FewShotDetector).parameters  # the defaults `vigil defect` uses
     image_size, bank_size = shipped["image_size"].default, shipped["bank_size"].default
+    if quick:  # a structure check in seconds: 224² inputs (the CLI tests run the shipped 448)
+        image_size = 224
+    size_kw = {"image_size": image_size, "bank_size": bank_size}
     engine = "auto"  # trunk + neck in ONNX Runtime: fp32 kernels, or static INT8 for int8
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -97,7 +100,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                     key = f"{neck}/{'int8' if int8 else 'fp32'}"
                     per[key] = {}
                     for t in textures:
-                        det = FewShotDetector(neck=neck, int8=int8, engine=engine)
+                        det = FewShotDetector(neck=neck, int8=int8, engine=engine, **size_kw)
                         det.fit(data[t]["fit"][:4])
                         per[key][t] = _metrics(det, data[t]["test"])
                         if t == textures[0]:
@@ -125,7 +128,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             for t in textures:
                 d = data[t]
                 for int8 in (False, True):
-                    det = FewShotDetector(neck="fpn_lite", int8=int8, engine=engine)
+                    det = FewShotDetector(neck="fpn_lite", int8=int8, engine=engine, **size_kw)
                     det.fit(
                         d["fit"],
                         [s.image for s in d["defect_fit"]],
