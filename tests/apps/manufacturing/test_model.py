@@ -273,3 +273,17 @@ def test_auto_augmentation_keeps_only_the_symmetries_the_surface_has() -> None:
     assert not {"rot90", "rot270", "transpose", "antitranspose"} & set(det.augmentations)
     side = SMALL // 8  # stride-8 patches
     assert det.fit_info["candidate_patches"] == 3 * side * side * (1 + len(det.augmentations))
+
+
+def test_matrix_blur_equals_the_reflect_padded_separable_convolution() -> None:
+    import torch.nn.functional as F
+
+    net = DefectNet(sigma=4.0, pretrained=False)
+    k = net.blur
+    r = k.numel() // 2
+    for shape in [(2, 1, 448, 448), (1, 1, 40, 72)]:
+        amap = torch.rand(shape) * 5
+        ref = F.conv2d(F.pad(amap, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        ref = F.conv2d(F.pad(ref, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+        torch.testing.assert_close(net.smooth(amap), ref, atol=1e-5, rtol=1e-5)
+    assert "_blur_cache" not in net.__getstate__()  # never pickled into a saved model
