@@ -118,6 +118,14 @@ def batch(
     max_retries: Annotated[
         int, typer.Option(min=0, help="Tries after the first for a study that crashes.")
     ] = 2,
+    item_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Stop a study still running after this many seconds (retried, then "
+            "quarantined as 'timed out').",
+        ),
+    ] = None,
 ) -> None:
     """Ingestion -> model -> report for every study; resumable via OUT/manifest.json."""
     from apps.medical.batch import run_batch
@@ -146,6 +154,7 @@ def batch(
             engine=engine,
             ray_address=ray_address,
             max_retries=max_retries,
+            item_timeout=item_timeout,
         )
     except WorkerInitError as exc:  # e.g. the model cannot be loaded in a worker
         raise UserError(str(exc)) from None
