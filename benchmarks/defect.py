@@ -4,7 +4,7 @@ Per variant: ms per 224² image on 1 thread (whole detector: resize to the detec
 side, trunk + neck + k-NN + heat map),
 image and pixel AUROC with 4 normal shots on every texture, and the saved model's size. Then
 the FPN-Lite detector with ≤ 50 samples (40 normal + 1 labelled defect per type). Scenes use
-seed 1; the shipped input side and bank size (448, 1024) were chosen on seeds 2 and 3 (a first
+seed 1; the shipped input side and bank size (448, 512) were chosen on seeds 2 and 3 (a first
 sweep also saw seed 1). Test images are never fitted on.
 """
 

@@ -102,7 +102,7 @@ def fit(
     ] = None,
     neck: Annotated[str, typer.Option(help=_NECK_HELP)] = "fpn_lite",
     embed_dim: Annotated[int, typer.Option(help="Patch-embedding size (≤ 128).")] = 128,
-    bank_size: Annotated[int, typer.Option(help="Memory-bank rows kept by the coreset.")] = 1024,
+    bank_size: Annotated[int, typer.Option(help="Memory-bank rows kept by the coreset.")] = 512,
     image_size: Annotated[int, typer.Option(help=_SIZE_HELP)] = 448,
     sensitivity: Annotated[float, typer.Option(help="0..1; 0.5 = calibrated threshold.")] = 0.5,
     fp32: Annotated[bool, typer.Option(help="Keep fp32 weights (default: INT8).")] = False,
@@ -281,7 +281,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the shot selection.")] = 0,
     neck: Annotated[str, typer.Option(help=_NECK_HELP)] = "fpn_lite",
     embed_dim: Annotated[int, typer.Option(help="Patch-embedding size (≤ 128).")] = 128,
-    bank_size: Annotated[int, typer.Option(help="Memory-bank rows kept by the coreset.")] = 1024,
+    bank_size: Annotated[int, typer.Option(help="Memory-bank rows kept by the coreset.")] = 512,
     image_size: Annotated[int, typer.Option(help=_SIZE_HELP)] = 448,
     fp32: Annotated[bool, typer.Option(help="Evaluate fp32 weights (default: INT8).")] = False,
 ) -> None:
