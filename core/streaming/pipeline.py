@@ -363,8 +363,13 @@ def _json_default(obj: Any) -> Any:
 def _dump_state(st: KeyState) -> list[Any]:
     # min/max deques hold items of dq: store their positions so identities survive restore
     pos = {id(it): i for i, it in enumerate(st.dq)} if (st.mx or st.mn) else {}
+    dq = st.dq
+    if all(v.__class__ in _PLAIN for _, v in dq):  # the common case: (t, v) tuples as they are
+        items: list[Any] = list(dq)  # json writes a tuple as the same array as a list
+    else:  # numpy scalars are unwrapped, anything else is refused
+        items = [[ts, v if v.__class__ is float else _plain(v, "value")] for ts, v in dq]
     return [
-        [[ts, v if v.__class__ is float else _plain(v, "value")] for ts, v in st.dq],
+        items,
         st.a,
         st.b,
         st.f,

@@ -112,6 +112,18 @@ def test_numpy_keys_snapshot_and_tuple_keys_are_refused() -> None:
         pipe.snapshot()
 
 
+def test_numpy_values_snapshot_like_plain_ones_and_tuple_values_are_refused() -> None:
+    spec = [Window("c", by="k", agg="distinct", span=100)]
+    plain, numpy = FeaturePipeline(spec), FeaturePipeline(spec)
+    for i in range(20):  # the plain-value fast path and the unwrapping path write the same bytes
+        plain.process_one({"ts": float(i), "k": "a", "c": i % 3})
+        numpy.process_one({"ts": float(i), "k": "a", "c": np.int64(i % 3)})
+    assert plain.snapshot() == numpy.snapshot()
+    plain.process_one({"ts": 30.0, "k": "a", "c": ("x", 1)})
+    with pytest.raises(ValueError, match="tuple"):
+        plain.snapshot()
+
+
 def _valid_blob() -> tuple[FeaturePipeline, bytes]:
     pipe = FeaturePipeline(SPECS)
     feed(pipe, events_from([(1, "a", 2.0, "x", True), (5, "b", 3.0, None, False)] * 5))
