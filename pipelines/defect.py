@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from pipelines.engine import check_engine_options
 from pipelines.errors import UserError
 
 if TYPE_CHECKING:
@@ -195,10 +196,7 @@ def predict(
         raise UserError(f"--sensitivity must be in 0..1 (got {sensitivity})")
     if batch_size < 1:
         raise UserError(f"--batch-size must be ≥ 1 (got {batch_size})")
-    if engine not in ("local", "ray"):
-        raise UserError(f"--engine must be local or ray (got {engine!r})")
-    if ray_address is not None and engine != "ray":
-        raise UserError("--ray-address needs --engine ray")
+    check_engine_options(engine, ray_address)
     try:
         if model == "champion":
             svc = service.load_champion()

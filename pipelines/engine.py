@@ -44,6 +44,17 @@ ENGINES: tuple[str, ...] = ("local", "ray")
 WorkerFactory = Callable[[], Callable[[Any], Any]]
 
 
+def check_engine_options(engine: str, ray_address: str | None) -> None:
+    """The CLI's ``--engine`` / ``--ray-address`` pair, checked the same way by every batch
+    command; raises :class:`~pipelines.errors.UserError`."""
+    from pipelines.errors import UserError
+
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be {' or '.join(ENGINES)} (got {engine!r})")
+    if ray_address is not None and engine != "ray":
+        raise UserError("--ray-address needs --engine ray")
+
+
 class WorkerInitError(RuntimeError):
     """``make_worker()`` failed (e.g. the model cannot be loaded): no item can run."""
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from pipelines.engine import check_engine_options
 from pipelines.errors import UserError
 
 if TYPE_CHECKING:
@@ -425,10 +426,7 @@ def _check_engine(
         raise UserError("several --input files (or a folder) need --out DIR for their outputs")
     if not many and (engine != "local" or workers != 1 or ray_address is not None):
         raise UserError("--engine/--workers/--ray-address replay one file per worker: use --out")
-    if engine not in ("local", "ray"):
-        raise UserError(f"--engine must be local or ray (got {engine!r})")
-    if ray_address is not None and engine != "ray":
-        raise UserError("--ray-address needs --engine ray")
+    check_engine_options(engine, ray_address)
     if workers < 1:
         raise UserError(f"--workers must be >= 1 (got {workers})")
     if max_retries < 0:

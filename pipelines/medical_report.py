@@ -129,14 +129,11 @@ def batch(
 ) -> None:
     """Ingestion -> model -> report for every study; resumable via OUT/manifest.json."""
     from apps.medical.batch import run_batch
-    from pipelines.engine import ENGINES, WorkerInitError
+    from pipelines.engine import WorkerInitError, check_engine_options
 
     if not pacs_dir.is_dir():
         raise UserError(f"{pacs_dir} is not a folder")
-    if engine not in ENGINES:
-        raise UserError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
-    if ray_address is not None and engine != "ray":
-        raise UserError("--ray-address needs --engine ray")
+    check_engine_options(engine, ray_address)
     if (
         model is not None
         and not model.startswith(("models:/", "runs:/"))
