@@ -186,11 +186,9 @@ class SparseTokenDetector(NoduleDetector):
         return ctx, score_map, torch.stack(picks, dim=1)
 
     def constructor_args(self) -> dict[str, Any]:
-        return {
-            "encoder": self.encoder,
-            "channels": list(self.channels),
-            "heads": self.heads,
-            "spacing_mm": self.spacing_mm,
+        args = super().constructor_args()
+        del args["attention"]  # the sparse encoder takes the Attention3D block's place
+        return args | {
             "layers": self.layers,
             "top_k": self.top_k,
             "brick": self.brick,
