@@ -130,14 +130,7 @@ class DynamicSparseAttention(nn.Module):
         if self.top_k > 0 and force_gate != "local":
             glob = self._globals(x, mask, force_gate)
 
-        if self.window >= L:  # the local window covers everything: plain dense attention
-            y = self._rows(x, mask, 0, L, glob, p, dense=True)
-        else:
-            parts = [
-                self._rows(x, mask, s, min(s + self.segment_len, L), glob, p)
-                for s in range(0, L, self.segment_len)
-            ]
-            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        y = self._all_rows(x, mask, L, glob, p)
         if mask is not None:
             y = y * mask.unsqueeze(-1).to(y.dtype)
         return y, None if glob is None else glob.idx
@@ -180,14 +173,7 @@ class DynamicSparseAttention(nn.Module):
                 picked.share,
             )
         Lb = L - P
-        if self.window >= Lb:
-            yb = self._rows(xb, mb, 0, Lb, glob, p, dense=True)
-        else:
-            parts = [
-                self._rows(xb, mb, s, min(s + self.segment_len, Lb), glob, p)
-                for s in range(0, Lb, self.segment_len)
-            ]
-            yb = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        yb = self._all_rows(xb, mb, Lb, glob, p)
         # prefix rows: dense attention over the whole sequence (P x L, P is small)
         q = F.linear(xp, self.qkv.weight[:D], self.qkv.bias[:D]).view(B, P, H, hd).transpose(1, 2)
         kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:]).view(B, L, 2, H, hd)
@@ -253,6 +239,19 @@ class DynamicSparseAttention(nn.Module):
         kmask = None if mask is None else torch.isfinite(top)[:, None, None, :]  # (B, 1, 1, k)
         share = None if force_gate == "global" else torch.sigmoid(route[..., 1:]).unsqueeze(-1)
         return _Globals(idx, kv[:, :, 0].transpose(1, 2), v, kmask, share)
+
+    def _all_rows(
+        self, x: torch.Tensor, mask: torch.Tensor | None, L: int, glob: _Globals | None, p: float
+    ) -> torch.Tensor:
+        """All L output rows: one dense block when the window covers everything, else segments
+        of ``segment_len`` rows."""
+        if self.window >= L:  # the local window covers everything: plain dense attention
+            return self._rows(x, mask, 0, L, glob, p, dense=True)
+        parts = [
+            self._rows(x, mask, s, min(s + self.segment_len, L), glob, p)
+            for s in range(0, L, self.segment_len)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _rows(
         self,
