@@ -14,12 +14,14 @@ Variants: ``fp32``; ``bf16`` (``torch.autocast``); ``int8`` / ``int4`` (Vigil :c
 packed group-128 weights dequantized on the fly — a *storage* format); ``fast_int8``
 (:func:`dynamic_int8` ``torch`` back end: fbgemm per-channel, full-range activations on VNNI);
 ``ort_fp32`` / ``ort_int8`` (ONNX Runtime on the exported graph — for MiniLM fused by
-``onnxruntime.transformers`` into Attention/SkipLayerNorm/BiasGelu ops — before/after its
+``onnxruntime.transformers`` into Attention/BiasGelu/EmbedLayerNorm ops — before/after its
 ``quantize_dynamic``); baselines ``ao_dynamic_int8`` (``torch.ao`` ``quantize_dynamic`` as
 shipped: 7-bit activations, per-tensor weights) and ``torchao_int8`` (torchao
-``Int8DynamicActivationInt8WeightConfig``, encoder only, full run only) and
-``ort_int8_unfused`` (ONNX Runtime INT8 of the plain export, encoder full run only: what the
-graph fusion adds).
+``Int8DynamicActivationInt8WeightConfig``, encoder only, full run only), ``ort_int8_unfused``
+(ONNX Runtime INT8 of the plain export, encoder full run only: what the graph fusion adds) and
+``ort_int8_skipln`` (``ort_int8`` with residual add + LayerNorm fused into ORT's
+``SkipLayerNormalization`` kernel, encoder full run only: the fusion ``ort_int8`` leaves out
+because it is slower on CPU, ``SLOW_CPU_FUSIONS``).
 """
 
 from __future__ import annotations
@@ -134,6 +136,9 @@ def _variants(
         out["torchao_int8"] = (m := _torchao(fp32), m)
     if unfused_baseline:  # what the graph fusion adds to ort_int8
         out["ort_int8_unfused"] = (m := dynamic_int8(fp32, example, backend="ort", fuse=False), m)
+        # ORT's own SkipLayerNormalization kernel, which ort_int8 leaves out (SLOW_CPU_FUSIONS)
+        skipln = dynamic_int8(fp32, example, backend="ort", skip_layer_norm=True)
+        out["ort_int8_skipln"] = (skipln, skipln)
     return out
 
 
@@ -143,11 +148,12 @@ def _ort_fp32(model: nn.Module, example: Any) -> nn.Module:
     import tempfile
 
     from core.quantization import OrtModule
-    from core.quantization.dynamic import ort_graph
+    from core.quantization.dynamic import SLOW_CPU_FUSIONS, ort_graph
 
     with tempfile.TemporaryDirectory() as d:
         path, names, outs, graph = ort_graph(model, example, Path(d))
-        out = OrtModule(path.read_bytes(), names, outs)  # the wrapper runs any ONNX graph
+        # the wrapper runs any ONNX graph; the same session options as ort_int8
+        out = OrtModule(path.read_bytes(), names, outs, disabled_optimizers=SLOW_CPU_FUSIONS)
     object.__setattr__(out, "vigil_ort_graph", graph)
     return out
 
@@ -208,6 +214,10 @@ def _encoder(quick: bool, repeats: int) -> dict[str, Any]:
     res["linear_mb"] = {k: _linear_mb(m) for k, (m, _) in variants.items()}
     res["cosine"], res["cosine_min"] = cos, cos_min
     res["ort_graph"] = getattr(variants["ort_int8"][0], "vigil_ort_graph", None)
+    # what ONNX Runtime runs after its own session-time fusions (the stored graph hides them)
+    res["ort_session_ops"] = {
+        k: variants[k][0].session_ops() for k in ("ort_int8", "ort_int8_skipln") if k in variants
+    }
     return res
 
 

@@ -11,10 +11,11 @@ cosine vs fp32; batch-1 speed-up vs torch fp32; AMD EPYC Zen 4, AVX-512 VNNI, no
   workaround for int16 saturation on pre-VNNI AVX2) and per-tensor weights: cosine 0.933.
 * ``"ort"`` — ONNX Runtime ``quantize_dynamic`` (per-channel) of the exported graph. A BERT-like
   Hugging Face encoder is exported with eager attention and fused first
-  (:func:`fuse_transformer`: one ``Attention`` op per layer, ``SkipLayerNormalization``,
-  ``BiasGelu``, ``EmbedLayerNormalization``), then quantized to ``QAttention`` +
-  ``DynamicQuantizeMatMul``: ~60 nodes instead of ~300, so far fewer thread-pool hand-offs at
-  batch 1. Same single-thread CPU time as the unfused INT8 graph (~2.5× on a quiet machine),
+  (:func:`fuse_transformer`: one ``Attention`` op per layer, ``BiasGelu``,
+  ``EmbedLayerNormalization``), then quantized to ``QAttention`` + ``DynamicQuantizeMatMul``:
+  ~80 nodes instead of ~300, so far fewer thread-pool hand-offs at batch 1. Residual add +
+  LayerNorm stay two ops: ORT's fused ``SkipLayerNormalization`` CPU kernel is ~4x slower
+  than them (``SLOW_CPU_FUSIONS``, also kept out of ORT's own session-time fusion). Same single-thread CPU time as the unfused INT8 graph (~2.5× on a quiet machine),
   1.25-1.5× faster than it with 2 threads in interleaved runs on a busy machine; re-measure
   quietly with ``vigil bench quantization`` (``ort_int8`` vs ``ort_int8_unfused``).
   Cosine 0.993 (the word embedding stays float: quantizing it costs 0.002 for no speed; file
@@ -178,7 +179,8 @@ class OrtModule(nn.Module):
     onnx_model: Tensor
 
     def __init__(self, onnx_model: bytes, input_names: list[str], output_names: list[str],
-                 num_threads: int | None = None, spin_us: int = 0) -> None:  # fmt: skip
+                 num_threads: int | None = None, spin_us: int = 0,
+                 disabled_optimizers: tuple[str, ...] = ()) -> None:  # fmt: skip
         super().__init__()
         if spin_us < 0:
             raise ValueError(f"spin_us must be >= 0, got {spin_us}")
@@ -188,26 +190,45 @@ class OrtModule(nn.Module):
         self.input_names, self.output_names = list(input_names), list(output_names)
         self.num_threads = num_threads
         self.spin_us = spin_us
+        # ORT graph transformers not to run on this graph (see ``SLOW_CPU_FUSIONS``).
+        self.disabled_optimizers = tuple(disabled_optimizers)
         self._session: Any = None
+
+    def _new_session(self, optimized_model_path: Path | None = None) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.num_threads or torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        # ORT's pool spins after each run by default, stealing the cores from whatever runs
+        # next in this process (torch ops around the graph, another model): yield instead,
+        # or spin for at most ``spin_us`` between operators (ORT >= 1.26 bounds the spin).
+        spin = getattr(self, "spin_us", 0)  # modules pickled before spin_us existed
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if spin:
+            so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin))
+        if optimized_model_path is not None:
+            so.optimized_model_filepath = str(optimized_model_path)
+        return ort.InferenceSession(
+            self.onnx_model.numpy().tobytes(), so, providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(getattr(self, "disabled_optimizers", ())),
+        )  # fmt: skip
 
     def _get_session(self) -> Any:
         if self._session is None:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.num_threads or torch.get_num_threads()
-            so.inter_op_num_threads = 1
-            # ORT's pool spins after each run by default, stealing the cores from whatever runs
-            # next in this process (torch ops around the graph, another model): yield instead,
-            # or spin for at most ``spin_us`` between operators (ORT >= 1.26 bounds the spin).
-            spin = getattr(self, "spin_us", 0)  # modules pickled before spin_us existed
-            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-            if spin:
-                so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin))
-            self._session = ort.InferenceSession(
-                self.onnx_model.numpy().tobytes(), so, providers=["CPUExecutionProvider"]
-            )
+            self._session = self._new_session()
         return self._session
+
+    def session_ops(self) -> dict[str, int]:
+        """Operator counts of the graph ONNX Runtime actually runs: after its own session-time
+        optimizations (fusions, layout changes), which the stored graph does not show."""
+        import onnx
+
+        with tempfile.TemporaryDirectory() as d, _quiet_logs():
+            path = Path(d) / "optimized.onnx"
+            self._new_session(path)
+            ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        return dict(sorted(((op, ops.count(op)) for op in set(ops)), key=lambda kv: -kv[1]))
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, ...]:
         sess = self._get_session()
@@ -302,6 +323,12 @@ def _flat_outputs(out: Any) -> list[Tensor]:
 
 # Hugging Face encoders whose exported graph ONNX Runtime's BERT fusion recognises.
 _BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"})
+# ORT CPU graph transformers whose fused kernel is slower than what it replaces. ORT 1.31's
+# ``SkipLayerNormalization`` CPU kernel costs ~4x the CPU time of the ``Add`` +
+# ``LayerNormalization`` it fuses (MiniLM shapes, 1x128x384: 291 vs 72 us on one thread; 12 of
+# them were ~2 of ~11 ms of the fused INT8 graph at batch 1). ``vigil bench quantization``
+# re-measures it (``ort_int8_skipln`` vs ``ort_int8``); drop the entry when that flips.
+SLOW_CPU_FUSIONS = ("SkipLayerNormFusion",)
 # Contrib operators the fusion produces: a graph without any of them was not fused.
 _FUSED_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu")
 
@@ -327,19 +354,25 @@ def _eager_attention(model: nn.Module) -> None:
             set_attn("eager")
 
 
-def fuse_transformer(src: Path, dst: Path, config: Any) -> dict[str, int]:
+def fuse_transformer(
+    src: Path, dst: Path, config: Any, skip_layer_norm: bool = False
+) -> dict[str, int]:
     """``onnxruntime.transformers`` BERT fusion of an exported encoder: one ``Attention`` op
-    per layer (QKV projection, masked softmax, context), ``SkipLayerNormalization``,
-    ``BiasGelu``, ``EmbedLayerNormalization``. Returns the count of each fused op."""
+    per layer (QKV projection, masked softmax, context), ``BiasGelu``,
+    ``EmbedLayerNormalization``, and with ``skip_layer_norm`` the residual add + LayerNorm as
+    ``SkipLayerNormalization`` (off by default: see ``SLOW_CPU_FUSIONS``). Returns the count of
+    each fused op."""
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     # 0: let the fusion read them off the graph (DistilBERT's config names them differently)
     heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_heads", 0))
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "dim", 0))
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = skip_layer_norm
     fused = optimizer.optimize_model(
         str(src), model_type="bert", num_heads=heads, hidden_size=hidden,
-        optimization_options=FusionOptions("bert"), opt_level=0,
+        optimization_options=options, opt_level=0,
     )  # fmt: skip
     fused.save_model_to_file(str(dst))
     ops = [n.op_type for n in fused.model.graph.node]
@@ -373,7 +406,11 @@ def _quiet_logs() -> Iterator[None]:
 
 
 def ort_graph(
-    model: nn.Module, example_inputs: _inputs.Inputs, d: Path, fuse: bool = True
+    model: nn.Module,
+    example_inputs: _inputs.Inputs,
+    d: Path,
+    fuse: bool = True,
+    skip_layer_norm: bool = False,
 ) -> tuple[Path, list[str], list[str], dict[str, Any]]:
     """The float ONNX graph ONNX Runtime should run for ``model``, written under ``d``: for a
     BERT-like Hugging Face encoder, the fused graph (:func:`fuse_transformer`) when it
@@ -388,7 +425,7 @@ def ort_graph(
     with _quiet_logs():
         if config is not None:
             try:
-                graph = _fused_graph(model, example_inputs, config, d)
+                graph = _fused_graph(model, example_inputs, config, d, skip_layer_norm)
             except Exception as e:  # a fusion that fails is a slower graph, not an error
                 graph = {"fused": {}, "fusion_note": f"{type(e).__name__}: {e}"[:300]}
         if graph["fused"]:
@@ -399,13 +436,20 @@ def ort_graph(
         return d / "model.onnx", names, outs, graph
 
 
-def _ort_int8(model: nn.Module, example_inputs: _inputs.Inputs, fuse: bool = True) -> OrtModule:
+def _ort_int8(
+    model: nn.Module,
+    example_inputs: _inputs.Inputs,
+    fuse: bool = True,
+    skip_layer_norm: bool = False,
+) -> OrtModule:
     import onnx
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     with tempfile.TemporaryDirectory() as d, _quiet_logs():
-        src, in_names, out_names, graph = ort_graph(model, example_inputs, Path(d), fuse)
+        src, in_names, out_names, graph = ort_graph(
+            model, example_inputs, Path(d), fuse, skip_layer_norm
+        )
         int8 = Path(d) / "model.int8.onnx"
         ops: list[str] | None = None
         extra: dict[str, Any] = {}
@@ -417,13 +461,18 @@ def _ort_int8(model: nn.Module, example_inputs: _inputs.Inputs, fuse: bool = Tru
             extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}  # contrib ops: no shapes
         ort_quantize_dynamic(src, int8, weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=ops, extra_options=extra)  # fmt: skip
-        out = OrtModule(int8.read_bytes(), in_names, out_names)
-    object.__setattr__(out, "vigil_ort_graph", graph)
+        disabled = () if skip_layer_norm else SLOW_CPU_FUSIONS
+        out = OrtModule(int8.read_bytes(), in_names, out_names, disabled_optimizers=disabled)
+    object.__setattr__(out, "vigil_ort_graph", graph | {"disabled_optimizers": list(disabled)})
     return out
 
 
 def _fused_graph(
-    model: nn.Module, example_inputs: _inputs.Inputs, config: Any, d: Path
+    model: nn.Module,
+    example_inputs: _inputs.Inputs,
+    config: Any,
+    d: Path,
+    skip_layer_norm: bool = False,
 ) -> dict[str, Any]:
     """Export with eager attention and fuse; the fused fp32 graph must reproduce the model's
     output on the example inputs (cosine >= 0.9999), else it is not used."""
@@ -432,7 +481,7 @@ def _fused_graph(
     eager = copy.deepcopy(model)
     _eager_attention(eager)
     names, outs = export_onnx(eager, example_inputs, d / "eager.onnx")
-    fused_ops = fuse_transformer(d / "eager.onnx", d / "fused.onnx", config)
+    fused_ops = fuse_transformer(d / "eager.onnx", d / "fused.onnx", config, skip_layer_norm)
     if "Attention" not in fused_ops:
         return {"fused": {}, "fusion_note": f"no attention fused ({fused_ops})"}
     cos = _inputs.drift(ref, _onnx_outputs(d / "fused.onnx", example_inputs, names))["cosine"]
@@ -458,6 +507,7 @@ def dynamic_int8(
     repeats: int = 10,
     output_fn: Callable[[Any], Tensor] | None = None,
     fuse: bool = True,
+    skip_layer_norm: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` whose Linear layers run INT8 × INT8 on the CPU (see module doc).
 
@@ -472,6 +522,8 @@ def dynamic_int8(
             first float tensor, e.g. ``last_hidden_state``; pass a pooling to ignore padding).
         fuse: for ``"ort"``, fuse a BERT-like Hugging Face encoder's graph first (see
             :func:`ort_graph`; what was fused is recorded as ``vigil_ort_graph``).
+        skip_layer_norm: for ``"ort"``, let ONNX Runtime fuse residual add + LayerNorm into
+            ``SkipLayerNormalization`` (slower on CPU today; ``SLOW_CPU_FUSIONS``).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -486,7 +538,7 @@ def dynamic_int8(
         return _torch_int8(model)
     if backend == "ort":
         assert example_inputs is not None
-        return _ort_int8(model, example_inputs, fuse)
+        return _ort_int8(model, example_inputs, fuse, skip_layer_norm)
     if backend == "torchao":
         return _torchao_int8(model)
     if example_inputs is None:  # nothing to measure on: the path that needs no export
@@ -500,7 +552,7 @@ def dynamic_int8(
     candidates: dict[str, nn.Module] = {"torch": _torch_int8(model)}
     notes: dict[str, str] = {}
     try:
-        candidates["ort"] = _ort_int8(model, example_inputs, fuse)
+        candidates["ort"] = _ort_int8(model, example_inputs, fuse, skip_layer_norm)
     except Exception as e:  # no onnxruntime, or the graph does not export: keep torch
         notes["ort_note"] = f"unavailable: {type(e).__name__}: {e}"[:300]
     with torch.inference_mode():

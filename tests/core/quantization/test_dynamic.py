@@ -16,6 +16,7 @@ from core.quantization import (
     load_compressed,
     save_compressed,
 )
+from core.quantization.dynamic import SLOW_CPU_FUSIONS
 
 
 def _mlp() -> nn.Sequential:
@@ -169,7 +170,12 @@ def test_ort_backend_fuses_a_bert_encoder_and_keeps_its_output() -> None:
     ort = dynamic_int8(enc, _padded_batch(4, 12), backend="ort")
     graph = ort.vigil_ort_graph
     assert graph["fused"].get("Attention") == 2, graph  # one fused attention op per layer
-    assert graph["fused"].get("SkipLayerNormalization", 0) >= 2
+    # residual add + LayerNorm stay unfused, in the stored graph and in what ORT runs
+    assert "SkipLayerNormalization" not in graph["fused"], graph
+    assert graph["disabled_optimizers"] == list(SLOW_CPU_FUSIONS)
+    ran = ort.session_ops()
+    assert "SkipLayerNormalization" not in ran and ran.get("LayerNormalization", 0) >= 4, ran
+    assert ran.get("QAttention") == 2, ran
     assert enc.bert.config._attn_implementation != "eager"  # the caller's model untouched
     other = _padded_batch(3, 20)  # padding masks, batch and length unlike the export
     cos = torch.nn.functional.cosine_similarity(ort(**other), enc(**other), dim=1)
@@ -179,6 +185,28 @@ def test_ort_backend_fuses_a_bert_encoder_and_keeps_its_output() -> None:
     torch.testing.assert_close(spin(**other), ort(**other))
     with pytest.raises(ValueError, match="spin_us"):
         OrtModule(b"", [], [], spin_us=-1)
+    # the setting travels with the module (torch.save / pickle)
+    buf = io.BytesIO()
+    torch.save(ort, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.disabled_optimizers == SLOW_CPU_FUSIONS
+    torch.testing.assert_close(loaded(**other), ort(**other))
+
+
+@pytest.mark.integration
+def test_ort_skip_layer_norm_fusion_is_opt_in() -> None:
+    """With ``skip_layer_norm=True`` the graph is fused as ORT's optimizer would (the variant
+    the quantization bench times against the default); both compute the same embedding."""
+    enc = _TinyBertEncoder().eval()
+    example = _padded_batch(4, 12)
+    fused = dynamic_int8(enc, example, backend="ort", skip_layer_norm=True)
+    assert fused.vigil_ort_graph["fused"].get("SkipLayerNormalization", 0) >= 2
+    assert fused.vigil_ort_graph["disabled_optimizers"] == []
+    assert "SkipLayerNormalization" in fused.session_ops()
+    default = dynamic_int8(enc, example, backend="ort")
+    cos = torch.nn.functional.cosine_similarity(fused(**example), default(**example), dim=1)
+    assert cos.min() > 0.999, cos
 
 
 @pytest.mark.integration
@@ -197,4 +225,4 @@ def test_ort_backend_falls_back_to_the_plain_graph_when_fusion_fails(monkeypatch
     cos = torch.nn.functional.cosine_similarity(ort(**example), enc(**example), dim=1)
     assert cos.min() > 0.99, cos
     plain = dynamic_int8(enc, example, backend="ort", fuse=False)
-    assert plain.vigil_ort_graph == {"fused": {}}
+    assert plain.vigil_ort_graph == {"fused": {}, "disabled_optimizers": list(SLOW_CPU_FUSIONS)}
