@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.streaming import parse_span
 
 
-@dataclass(frozen=True)
-class Pending:
-    """What the scorer saved for one transaction."""
+class Pending(NamedTuple):
+    """What the scorer saved for one transaction (a NamedTuple: ~4x cheaper to build than a
+    frozen dataclass, and one is built for every scored transaction)."""
 
     ts: float
     names: tuple[str, ...]

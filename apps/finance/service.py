@@ -173,6 +173,7 @@ class FraudScorer:
         )
         self.pending = PendingStore(cfg.pending_ttl, cfg.pending_max)
         self.version_base = model_version or (cfg.model if model is None else "external")
+        self._version, self._version_key = "", ("", -1)  # model_version's cache
         self._tx = cfg.tx_id_field
         self._label = cfg.features.label_field
         self._terminal = cfg.features.terminal_field
@@ -185,7 +186,11 @@ class FraudScorer:
     @property
     def model_version(self) -> str:
         """``<base>+<labels learned since>``: changes every time the online model learns."""
-        return f"{self.version_base}+{self.model.n_learned}"
+        key = (self.version_base, self.model.n_learned)
+        if key != self._version_key:  # formatted once per learned label, not once per score
+            self._version_key = key
+            self._version = f"{key[0]}+{key[1]}"
+        return self._version
 
     @property
     def feature_names(self) -> list[str]:
@@ -238,12 +243,16 @@ class FraudScorer:
             raise ValueError(
                 f"label event must be a mapping, got {type(label_event).__name__}"
             ) from None
-        entry = self.pending.pop(tx if tx.__class__ is str else str(tx))
+        return self.learn_label(tx if tx.__class__ is str else str(tx), y)
+
+    def learn_label(self, tx_id: str, is_fraud: bool) -> bool:
+        """:meth:`learn` for an already parsed label (the Kafka service's path)."""
+        entry = self.pending.pop(tx_id)
         if entry is None:
             self.n_unmatched += 1
             return False
-        self.features.learn_label(entry.ts, entry.extra[0], 1.0 if y else 0.0)
-        self.model.learn_one(entry.features(), y)
+        self.features.learn_label(entry.ts, entry.extra[0], 1.0 if is_fraud else 0.0)
+        self.model.learn_one(entry.features(), is_fraud)
         self.n_labels += 1
         return True
 

@@ -75,7 +75,10 @@ class PartitionScorer:
 
     def learn(self, tx_id: str, is_fraud: int) -> bool:
         """Join a label to the features saved at scoring time; False if none are waiting."""
-        return bool(self.scorer.learn({"tx_id": tx_id, "is_fraud": int(is_fraud)}))
+        y = int(is_fraud)
+        if y != 0 and y != 1:
+            raise ValueError(f"label must be 0/1 or true/false, got {y!r}")
+        return self.scorer.learn_label(str(tx_id), y == 1)
 
     def snapshot(self) -> bytes:
         return bytes(self.scorer.snapshot())

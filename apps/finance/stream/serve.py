@@ -74,7 +74,15 @@ from kafka import ConsumerRebalanceListener
 
 from apps.finance.stream.checkpoint import Checkpoint, CheckpointStore, FencedError
 from apps.finance.stream.ops import Every, Prequential, ServiceMetrics
-from apps.finance.stream.schema import Label, Rejected, Valid, Watermark, parse_label, validate
+from apps.finance.stream.schema import (
+    Label,
+    Rejected,
+    Valid,
+    Watermark,
+    encode_score,
+    parse_label,
+    validate,
+)
 from apps.finance.stream.scorer import PartitionScorer, ScorerConfig, make_scorer
 
 log = logging.getLogger("vigil.fraud.serve")
@@ -177,8 +185,7 @@ class FraudService:
         self.quality = Prequential()
         self._champion: tuple[bytes, str] | None = None
         self._consumer: Any = None
-        self._producer: Any = None
-        self._raw_producer: Any = None
+        self._producer: Any = None  # bytes values: outputs are encoded here, DLQ records as read
         self._pending_lat: list[float] = []
         self._out_parts: dict[str, int] = {}
         self._paused: set[Any] = set()
@@ -224,8 +231,8 @@ class FraudService:
         if cfg.metrics_port is not None:
             self.http = self.metrics.serve_http(cfg.metrics_port)
         self._factory()  # imports river & co. now, not inside a rebalance callback
-        self._producer = broker.make_producer(cfg.bootstrap, linger_ms=1)
-        self._raw_producer = broker.make_producer(cfg.bootstrap, json_values=False, linger_ms=1)
+        # one producer (one sender thread) for scores, alerts and the dead-letter topic
+        self._producer = broker.make_producer(cfg.bootstrap, json_values=False, linger_ms=1)
         self._out_parts = {
             topic: len(self._producer.partitions_for(topic) or ()) or 1
             for topic in (t.scores, t.alerts, t.dlq)
@@ -547,53 +554,17 @@ class FraudService:
 
     def _process(self, part: _Part) -> int:
         """Score what can be scored in ``part``; returns how many records were consumed."""
-        t = self.config.topics
-        n = scored = 0
-        threshold = 0.0
-        while part.tx:
-            rec, checked = part.tx[0]
-            if isinstance(checked, Rejected):
-                self._to_dlq(rec, checked.reason, checked.detail)
-            else:
-                event = checked.event
-                if not self._apply_labels(part, event["ts"]):
-                    break  # labels for this event time are not read yet
-                try:
-                    res = part.scorer.score(event)
-                except ValueError as exc:  # the seam refused it (e.g. a duplicate tx id)
-                    self._to_dlq(rec, "rejected_by_scorer", str(exc)[:200])
-                else:
-                    out = {
-                        "tx_id": res.tx_id,
-                        "card_id": event["card_id"],
-                        "ts": event["ts"],
-                        "score": res.score,
-                        "alert": res.is_alert,
-                        # strict JSON: a threshold with no finite value travels as null
-                        "threshold": res.threshold if math.isfinite(res.threshold) else None,
-                        "model_version": res.model_version,
-                        "partition": rec.partition,
-                        "offset": rec.offset,
-                        "in_ts_ms": rec.timestamp,
-                    }
-                    self._futures.append(self._send(t.scores, res.tx_id, out, rec.partition))
-                    if res.is_alert:
-                        self._futures.append(self._send(t.alerts, res.tx_id, out, rec.partition))
-                        self.alerts += 1
-                        self.metrics.alerts.inc()
-                    self._pending_lat.append(rec.timestamp / 1000.0)
-                    self.quality.scored_one(res.tx_id, res.score, res.is_alert)
-                    self.scored += 1
-                    part.events += 1
-                    part.since_checkpoint += 1
-                    scored += 1
-                    threshold = res.threshold
-            part.tx.popleft()
-            part.tx_next = rec.offset + 1
-            n += 1
+        outs: list[tuple[str, bytes, int, int, bool]] = []  # sent together: see _send_outputs
+        try:
+            n, scored, alerts, threshold = self._score_ready(part, outs)
+        finally:
+            if outs:
+                self._send_outputs(outs)
         if scored:  # metrics once per batch, not per event: label lookups take locks
             self.metrics.events.labels(str(part.partition)).inc(scored)
             self.metrics.threshold.labels(str(part.partition)).set(threshold)
+            if alerts:
+                self.metrics.alerts.inc(alerts)
         joined = self._labels_joined
         if joined[0] or joined[1]:
             for flag, count in ((False, joined[0]), (True, joined[1])):
@@ -601,6 +572,62 @@ class FraudService:
                     self.metrics.labels.labels("yes" if flag else "no").inc(count)
             joined[0] = joined[1] = 0
         return n
+
+    def _score_ready(
+        self, part: _Part, outs: list[tuple[str, bytes, int, int, bool]]
+    ) -> tuple[int, int, int, float]:
+        """Score ``part``'s buffered transactions until one must wait for its labels; each
+        output goes to ``outs``. Returns (records consumed, scored, alerts, last threshold)."""
+        n = scored = alerts = 0
+        threshold = 0.0
+        txs = part.tx
+        score = part.scorer.score
+        quality = self.quality.scored_one
+        stamps = self._pending_lat
+        while txs:
+            rec, checked = txs[0]
+            if checked.__class__ is Rejected:
+                self._to_dlq(rec, checked.reason, checked.detail)  # type: ignore[union-attr]
+            else:
+                event = checked.event  # type: ignore[union-attr]
+                ts = event["ts"]
+                if (
+                    part.labels or part.label_wm < ts or part.blocked_since is not None
+                ) and not self._apply_labels(part, ts):
+                    break  # labels for this event time are not read yet
+                try:
+                    res = score(event)
+                except ValueError as exc:  # the seam refused it (e.g. a duplicate tx id)
+                    self._to_dlq(rec, "rejected_by_scorer", str(exc)[:200])
+                else:
+                    tx_id, alert = res.tx_id, res.is_alert
+                    threshold = res.threshold
+                    value = encode_score(
+                        tx_id,
+                        event["card_id"],
+                        ts,
+                        res.score,
+                        alert,
+                        threshold,
+                        res.model_version,
+                        rec.partition,
+                        rec.offset,
+                        rec.timestamp,
+                    )
+                    outs.append((tx_id, value, rec.partition, rec.offset, alert))
+                    alerts += alert
+                    stamps.append(rec.timestamp / 1000.0)
+                    quality(tx_id, res.score, alert)
+                    scored += 1
+            txs.popleft()
+            part.tx_next = rec.offset + 1
+            n += 1
+        if scored:
+            self.scored += scored
+            self.alerts += alerts
+            part.events += scored
+            part.since_checkpoint += scored
+        return n, scored, alerts, threshold
 
     def _apply_labels(self, part: _Part, ts: float) -> bool:
         """Apply the label records due by event time ``ts``; False = the feed has not passed it."""
@@ -674,7 +701,7 @@ class FraudService:
             ("vigil.dlq.source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode()),
         ]
         self._futures.append(
-            self._raw_producer.send(
+            self._producer.send(
                 self.config.topics.dlq,
                 key=rec.key,
                 value=rec.value,
@@ -693,10 +720,25 @@ class FraudService:
             extra={"reason": reason},
         )
 
-    def _send(self, topic: str, key: str, value: dict[str, Any], partition: int) -> Any:
+    def _send(self, topic: str, key: str, value: bytes, partition: int, offset: int) -> Any:
+        """Produce one output record (``value`` encoded) for input ``partition``/``offset``."""
         return self._producer.send(
             topic, key=key, value=value, partition=partition % self._out_parts[topic]
         )
+
+    def _send_outputs(self, outs: list[tuple[str, bytes, int, int, bool]]) -> None:
+        """Produce a batch's scores (and alerts) in one burst, in input order.
+
+        Sent one by one between scorings, each record found the producer's previous batch
+        already sent (``linger_ms`` 1): a new producer batch, a sender wake-up (a syscall)
+        and a produce request for every one or two records. Sent together they fill batches.
+        """
+        t = self.config.topics
+        send, futures = self._send, self._futures
+        for tx_id, value, partition, offset, alert in outs:
+            futures.append(send(t.scores, tx_id, value, partition, offset))
+            if alert:
+                futures.append(send(t.alerts, tx_id, value, partition, offset))
 
     def _seal(self) -> None:
         """Close the current batch of outputs with the offsets they complete."""
@@ -737,7 +779,6 @@ class FraudService:
         if not self._inflight:
             return
         self._producer.flush()
-        self._raw_producer.flush()
         self._reap(block=True)
 
     def _offsets(self) -> dict[Any, Any]:
@@ -857,7 +898,7 @@ class FraudService:
                 except DeliveryError as exc:
                     log.warning("shutdown with undelivered outputs (%s); checkpoints stay", exc)
         finally:
-            for client in (self._consumer, self._producer, self._raw_producer):
+            for client in (self._consumer, self._producer):
                 if client is not None:
                     try:
                         client.close()

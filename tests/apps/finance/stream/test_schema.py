@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -125,3 +126,107 @@ def test_parse_watermark() -> None:
     for bad in (b'{"watermark": "x"}', b'{"watermark": true}', b'{"watermark": 1e999}'):
         assert parse_label(bad) is None
     assert parse_label(b'{"watermark": 1, "x": 2}') is None  # neither a watermark nor a label
+
+
+# ----------------------------------------------------------------- fast paths = slow paths
+def _reference(raw: bytes, key: str | None = None) -> Valid | Rejected:
+    """``validate`` as it was before its fast paths: ``json.loads``, then every check in order."""
+    from apps.finance.stream.schema import MAX_BYTES, _check, _no_constants
+
+    if len(raw) > MAX_BYTES:
+        return Rejected("oversized", f"{len(raw)} bytes > limit {MAX_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejected("encoding", f"not UTF-8: {exc.reason} at byte {exc.start}")
+    try:
+        obj = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
+        return Rejected("bad_json", str(exc)[:200])
+    return _check(obj, key)
+
+
+_FIELD_VALUES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=3)
+    | st.text(min_size=127, max_size=130)
+    | st.lists(st.integers(), max_size=1)
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from([*GOOD, "device_id", "login_x", "login_cell", "day", "is_fraud", "x"]),
+        _FIELD_VALUES,
+    ),
+    st.sampled_from([None, "3", "4"]),
+)
+def test_validate_fast_path_equals_the_checks_in_order(
+    d: dict[str, object], key: str | None
+) -> None:
+    raw = json.dumps({**GOOD, **d}).encode()
+    assert validate(raw, key) == _reference(raw, key)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [raw for raw, _ in CORPUS]
+    + [
+        _j(),
+        _j(tx_id='a"b\\c\u00e9\U0001f600', card_id="x" * 128, device_id=None),
+        _j(card_id=10**30, tx_id=-(10**30)),
+        _j(amount=10**7, ts=4_199_999_999),
+        _j(amount=10**7 + 1),
+        b"\xef\xbb\xbf" + _j(),  # UTF-8 BOM: json refuses it
+        _j() + b"  \n",
+        _j().replace(b"{", b'{"amount": 1, ', 1),  # a duplicate key: the last one wins
+    ],
+)
+def test_validate_equals_the_reference_on_the_corpus(raw: bytes) -> None:
+    assert validate(raw, "3") == _reference(raw, "3")
+    assert validate(raw) == _reference(raw)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    tx_id=st.text(min_size=1, max_size=20),
+    card_id=st.integers(min_value=-(2**80), max_value=2**80) | st.text(min_size=1, max_size=8),
+    ts=st.floats(allow_nan=False, allow_infinity=False),
+    score=st.floats(min_value=0.0, max_value=1.0),
+    alert=st.booleans(),
+    threshold=st.floats(allow_nan=False) | st.just(math.inf),
+    version=st.text(max_size=12),
+    ints=st.tuples(*(st.integers(min_value=0, max_value=2**63) for _ in range(3))),
+)
+def test_encode_score_writes_json_dumps_bytes(
+    tx_id: str,
+    card_id: int | str,
+    ts: float,
+    score: float,
+    alert: bool,
+    threshold: float,
+    version: str,
+    ints: tuple[int, int, int],
+) -> None:
+    from apps.finance.stream.schema import encode_score, score_record
+    from core.broker import json_dumps
+
+    args = (tx_id, card_id, ts, score, alert, threshold, version, *ints)
+    out = encode_score(*args)  # type: ignore[arg-type]
+    assert out == json_dumps(score_record(*args))  # type: ignore[arg-type]
+    assert json.loads(out)["threshold"] == (threshold if math.isfinite(threshold) else None)
+
+
+def test_encode_score_falls_back_for_other_types() -> None:
+    from apps.finance.stream.schema import encode_score, score_record
+    from core.broker import json_dumps
+
+    np = pytest.importorskip("numpy")
+    args = ("t", 1, np.float64(2.0), np.float64(0.5), True, 0.1, "v", 0, 1, 2)  # float subclasses
+    assert encode_score(*args) == json_dumps(  # type: ignore[arg-type]
+        score_record(*args)  # type: ignore[arg-type]
+    )
