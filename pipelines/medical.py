@@ -241,6 +241,29 @@ def scan(
     console.print(f"index: {res['index']}\nquarantine report: {res['quarantine']}")
 
 
+# --------------------------------------------------------------------------- ensemble
+@app.command("ensemble")
+def ensemble(
+    model: Annotated[
+        list[str],
+        typer.Option(help="A detector state file or MLflow URI; repeat (>= 2), any encoder."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the ensemble state file.")],
+) -> None:
+    """Combine trained detectors into one ensemble state file (heat maps averaged before
+    decoding); use it wherever a detector goes: batch, evaluate, the UI."""
+    from apps.medical.service import MedicalService, save_detector
+
+    if len(model) < 2:
+        raise UserError("give at least two --model")
+    for m in model:
+        if not m.startswith(("models:/", "runs:/")) and not Path(m).is_file():
+            raise UserError(f"--model {m!r}: no such file (or give a models:/ or runs:/ URI)")
+    svc = MedicalService.load(model, tta=False, bf16=False)
+    save_detector(svc.model, out)
+    typer.echo(f"wrote an ensemble of {len(model)} detectors to {out}")
+
+
 # --------------------------------------------------------------------------- demo
 def demo_step(ctx: DemoContext) -> dict[str, Any]:
     """Synthesise a few studies plus the edge cases, scan them, log the summary to MLflow."""

@@ -171,11 +171,24 @@ def evaluate(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write metrics JSON here.")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Detector state file or MLflow URI.")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Detector state file or MLflow URI (default: champion). Repeat it to evaluate "
+            "an ensemble: the models' heat maps are averaged before decoding."
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
     tta: Annotated[
-        bool, typer.Option(help="Average the heat map with the left-right mirrored pass.")
+        bool, typer.Option(help="Average the heat map with the mirrored passes of --flip.")
     ] = True,
+    flip: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TTA mirror axis: lr (left-right, the default), ap or si; repeat for several "
+            "(one more detector pass each)."
+        ),
+    ] = None,
     threshold: Annotated[
         float,
         typer.Option(
@@ -197,17 +210,22 @@ def evaluate(
 
     _need_export(data)
     _threads(threads)
-    for m in (model, ablation):
+    for m in [*(model or []), ablation]:
         if m is not None and not m.startswith(("models:/", "runs:/")) and not Path(m).is_file():
             raise UserError(f"model {m!r}: no such file (or give a models:/ or runs:/ URI)")
-    svc = MedicalService.load(model, tta=tta, threshold=threshold)
+    flips = tuple(flip) if flip else ("lr",)
+    try:
+        svc = MedicalService.load(model or None, tta=tta, threshold=threshold, flips=flips)
+    except ValueError as exc:  # e.g. an unknown --flip
+        raise UserError(str(exc)) from None
     res = evaluate_export(data, svc)
     res["tta"] = tta
+    res["flips"] = list(svc.flips) if tta else []
     if ablation is not None:
-        other = MedicalService.load(ablation, tta=tta, threshold=threshold)
+        other = MedicalService.load(ablation, tta=tta, threshold=threshold, flips=flips)
         res_b = evaluate_export(data, other)
         res["ablation"] = [
-            ablation_row(model or "champion", res),
+            ablation_row("+".join(model) if model else "champion", res),
             ablation_row(ablation, res_b),
         ]
     if json_out is not None:

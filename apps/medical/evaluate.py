@@ -225,10 +225,19 @@ def evaluate_export(
         "follow_up_accuracy_image_only": round(fu_img_ok / k, 4),
         "fields": fields,
         "seconds_per_study": round(float(np.mean(seconds)), 3) if seconds else None,
-        "encoder": getattr(service.model, "encoder", "attention3d"),
+        "encoder": encoder_name(service.model),
         "topk_picks": summarize_picks(pick_stats),
         "per_study": per_study,
     }
+
+
+def encoder_name(model: Any) -> str:
+    """``attention3d``, ``sparse``, or ``ensemble(attention3d+sparse)`` for an ensemble."""
+    name = str(getattr(model, "encoder", "attention3d"))
+    members = getattr(model, "members", None)
+    if name == "ensemble" and members is not None:
+        return f"ensemble({'+'.join(encoder_name(m) for m in members)})"
+    return name
 
 
 def ablation_row(model: str, res: dict[str, Any]) -> dict[str, Any]:

@@ -17,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from apps.medical.model import DetectorOutput, NoduleDetector, decode, preprocess
+from apps.medical.model import DetectorOutput, decode, preprocess
 from apps.medical.rules import FollowUp, IcdCode, LungRads, Nodule, Risk
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from apps.medical.ensemble import Detector
     from apps.medical.pacs import CTVolume, ScanResult, Study
     from apps.medical.text import ClinicalTextEncoder
 
@@ -29,6 +32,8 @@ MODEL_FORMAT = "vigil.medical.detector/1"
 # A nodule core denser than this is calcified (soft tissue ~ 0-100 HU, calcium >= 200 HU even
 # after partial-volume averaging at 2 mm). Lung-RADS: benign calcification pattern -> category 1.
 CALCIFIED_HU = 180.0
+# test-time flips: name -> axis of the (B, 1, X, Y, Z) input (RAS-ordered volume axes)
+FLIPS = {"lr": 2, "ap": 3, "si": 4}
 
 
 def core_hu(hu: np.ndarray, voxel: np.ndarray) -> float:
@@ -84,8 +89,9 @@ class StudyReport:
     picks_voxel: list[list[float]] = field(default_factory=list)  # token model's top-k picks
 
 
-def save_detector(model: NoduleDetector, path: Path, run_id: str | None = None) -> Path:
-    """Write a detector state file (weights + constructor args) loadable by :meth:`MedicalService.load`."""
+def save_detector(model: Detector, path: Path, run_id: str | None = None) -> Path:
+    """Write a detector (or ensemble) state file (weights + constructor args) loadable by
+    :meth:`MedicalService.load`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -141,27 +147,34 @@ class MedicalService:
     """Detector + text encoder + rules behind one call.
 
     Args:
-        model: a trained :class:`NoduleDetector` (``None``: call :meth:`load`).
+        model: a trained :class:`~apps.medical.model.NoduleDetector` or
+            :class:`~apps.medical.ensemble.DetectorEnsemble` (from files: :meth:`load`).
         model_info: name / version / MLflow run id written into every report.
         threshold: minimum heat-map confidence of a reported nodule.
         min_diameter_mm: smallest reported nodule.
         use_encoder: use MiniLM for sentences the text rules do not understand.
         bf16: run the detector under bf16 autocast in oneDNN's channels-last layout (``None``:
             where the CPU has native bf16, as training does).
-        tta: test-time augmentation: average the centre heat map with that of the left-right
-            mirrored volume (twice the detector time; fewer vessel false positives).
+        tta: test-time augmentation: average the centre heat map with those of the volume
+            mirrored along each axis in ``flips`` (one more detector pass per flip).
+        flips: the mirror axes of ``tta``: ``lr`` (left-right), ``ap``, ``si`` (see
+            :data:`FLIPS`).
     """
 
     def __init__(
         self,
-        model: NoduleDetector,
+        model: Detector,
         model_info: dict[str, Any] | None = None,
         threshold: float = 0.3,
         min_diameter_mm: float = 3.0,
         use_encoder: bool = True,
         bf16: bool | None = None,
         tta: bool = True,
+        flips: Sequence[str] = ("lr",),
     ) -> None:
+        bad = [f for f in flips if f not in FLIPS]
+        if bad:
+            raise ValueError(f"flips must be among {', '.join(FLIPS)}, got {bad}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if min_diameter_mm < 0:
@@ -181,55 +194,36 @@ class MedicalService:
             bf16 = native_bf16()
         self.bf16 = bf16
         self.tta = tta
+        self.flips = tuple(dict.fromkeys(flips))
         self._encoder: ClinicalTextEncoder | None = None
         self._token_encoder: ClinicalTextEncoder | bool | None = None  # False: unavailable
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, source: str | Path | None = None, **kw: Any) -> MedicalService:
-        """From a state file, an MLflow model URI (``models:/...``, ``runs:/...``), or ``None``
-        for the registered champion."""
-        from core import tracking
+    def load(
+        cls, source: str | Path | Sequence[str | Path] | None = None, **kw: Any
+    ) -> MedicalService:
+        """From a state file, an MLflow model URI (``models:/...``, ``runs:/...``), ``None`` for
+        the registered champion, or a list of those: an ensemble of their detectors."""
         from pipelines.errors import UserError
 
-        if source is not None and Path(str(source)).is_file():
-            state = torch.load(str(source), map_location="cpu", weights_only=False)
-            if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-                raise UserError(f"{source} is not a Vigil medical detector file")
-            from apps.medical.tokens import build_detector
+        if isinstance(source, str | Path) or source is None:
+            return cls(*_load_detector(source), **kw)
+        sources = list(source)
+        if len(sources) == 1:
+            return cls(*_load_detector(sources[0]), **kw)
+        from apps.medical.ensemble import DetectorEnsemble
 
-            args = dict(state["args"])  # files from before the token model have no "encoder"
-            model = build_detector(**{**args, "channels": tuple(args["channels"])})
-            model.load_state_dict(state["state_dict"])
-            info = {
-                "name": "vigil-medical-detector",
-                "version": Path(str(source)).name,
-                "run_id": state.get("run_id"),
-            }
-            return cls(model, info, **kw)
-        import mlflow.pytorch
-
-        from apps.medical.train import MODEL_NAME
-
-        uri = str(source) if source is not None else f"models:/{MODEL_NAME}@champion"
-        tracking.configure()
+        loaded = [_load_detector(s) for s in sources]
         try:
-            model = mlflow.pytorch.load_model(uri, map_location="cpu")
-        except Exception as exc:
-            raise UserError(
-                f"could not load model {uri!r} ({type(exc).__name__}); train one with "
-                "`vigil medical train --data DIR` or pass --model PATH|URI"
-            ) from None
-        info = {"name": MODEL_NAME, "version": uri, "run_id": None}
-        try:
-            from mlflow import MlflowClient
-
-            if uri.startswith("models:/") and "@" in uri:
-                name, alias = uri.removeprefix("models:/").split("@", 1)
-                mv = MlflowClient().get_model_version_by_alias(name, alias)
-                info = {"name": name, "version": str(mv.version), "run_id": mv.run_id}
-        except Exception:
-            pass
+            model = DetectorEnsemble([m for m, _ in loaded])
+        except ValueError as exc:
+            raise UserError(f"cannot ensemble {', '.join(map(str, sources))}: {exc}") from None
+        info = {
+            "name": "vigil-medical-detector-ensemble",
+            "version": "+".join(str(i["version"]) for _, i in loaded),
+            "run_id": ",".join(str(i["run_id"]) for _, i in loaded if i["run_id"]) or None,
+        }
         return cls(model, info, **kw)
 
     @property
@@ -329,13 +323,16 @@ class MedicalService:
     @torch.no_grad()
     def infer(self, x: torch.Tensor, text: np.ndarray | None = None) -> DetectorOutput:
         """Detector on a preprocessed (B, 1, X, Y, Z) batch (with ``tta``: heat map averaged with
-        the mirrored pass; the grid mirrors exactly because X is padded to a multiple of 4).
-        ``text``: (T, 384) text tokens, shared by the batch."""
+        the mirrored passes of ``flips``; the grid mirrors exactly because every axis is padded
+        to a multiple of 4). ``text``: (T, 384) text tokens, shared by the batch."""
         out = self._forward(x, text)
-        if not self.tta:
+        if not self.tta or not self.flips:
             return out
-        mirrored = torch.flip(self._forward(torch.flip(x, dims=[2]), text).heatmap, dims=[2])
-        heat = ((out.heatmap + mirrored) / 2).clamp(1e-6, 1 - 1e-6)
+        heat = out.heatmap
+        for name in self.flips:
+            ax = FLIPS[name]
+            heat = heat + torch.flip(self._forward(torch.flip(x, dims=[ax]), text).heatmap, [ax])
+        heat = (heat / (1 + len(self.flips))).clamp(1e-6, 1 - 1e-6)
         return replace(out, heatmap_logits=torch.logit(heat))
 
     def _forward(self, x: torch.Tensor, text: np.ndarray | None = None) -> DetectorOutput:
@@ -461,6 +458,51 @@ class MedicalService:
         rep.series_meta = {k: v for k, v in vol.meta.items() if k != "warnings"}
         rep.source_paths = sorted({f.path for f in series.frames}) if series else []
         return rep
+
+
+def _load_detector(source: str | Path | None) -> tuple[Detector, dict[str, Any]]:
+    """One detector (or saved ensemble) and its model info, from a state file or MLflow URI."""
+    from core import tracking
+    from pipelines.errors import UserError
+
+    if source is not None and Path(str(source)).is_file():
+        state = torch.load(str(source), map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+            raise UserError(f"{source} is not a Vigil medical detector file")
+        from apps.medical.ensemble import detector_from_args
+
+        model = detector_from_args(state["args"])  # old files have no "encoder": attention3d
+        model.load_state_dict(state["state_dict"])
+        info = {
+            "name": "vigil-medical-detector",
+            "version": Path(str(source)).name,
+            "run_id": state.get("run_id"),
+        }
+        return model, info
+    import mlflow.pytorch
+
+    from apps.medical.train import MODEL_NAME
+
+    uri = str(source) if source is not None else f"models:/{MODEL_NAME}@champion"
+    tracking.configure()
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as exc:
+        raise UserError(
+            f"could not load model {uri!r} ({type(exc).__name__}); train one with "
+            "`vigil medical train --data DIR` or pass --model PATH|URI"
+        ) from None
+    info = {"name": MODEL_NAME, "version": uri, "run_id": None}
+    try:
+        from mlflow import MlflowClient
+
+        if uri.startswith("models:/") and "@" in uri:
+            name, alias = uri.removeprefix("models:/").split("@", 1)
+            mv = MlflowClient().get_model_version_by_alias(name, alias)
+            info = {"name": name, "version": str(mv.version), "run_id": mv.run_id}
+    except Exception:
+        pass
+    return model, info
 
 
 class StudyError(Exception):

@@ -198,7 +198,10 @@ class SparseTokenDetector(NoduleDetector):
 
 def build_detector(encoder: str = "attention3d", **kwargs: Any) -> NoduleDetector:
     """The detector with the named stride-4 context block: ``attention3d`` (the baseline:
-    CNN + Attention3D) or ``sparse`` (:class:`SparseTokenDetector`)."""
+    CNN + Attention3D) or ``sparse`` (:class:`SparseTokenDetector`). ``kwargs`` as
+    ``constructor_args()`` wrote them (lists read back from a checkpoint are fine)."""
+    if "channels" in kwargs:
+        kwargs["channels"] = tuple(kwargs["channels"])
     if encoder == "attention3d":
         return NoduleDetector(**kwargs)
     if encoder == "sparse":
