@@ -287,3 +287,63 @@ def test_matrix_blur_equals_the_reflect_padded_separable_convolution() -> None:
         ref = F.conv2d(F.pad(ref, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
         torch.testing.assert_close(net.smooth(amap), ref, atol=1e-5, rtol=1e-5)
     assert "_blur_cache" not in net.__getstate__()  # never pickled into a saved model
+
+
+# ----------------------------------------------------------------------------- global branch
+
+
+def test_global_branch_puts_shot_scores_on_the_local_scale_and_flags_an_outlier() -> None:
+    net = DefectNet(neck="fpn_lite", pretrained=False)  # identity neck: channels as given
+    g = torch.Generator().manual_seed(4)
+    shots = torch.randn(12, 128, 6, 6, generator=g)
+    local = 5.0 + torch.rand(12, generator=g)
+    loo = net.set_global(shots, local)
+    # Over the shots, the mapped global scores have the local scores' median and MAD.
+    assert float(loo.median()) == pytest.approx(float(local.median()), abs=1e-4)
+    mad = float((local - local.median()).abs().median())
+    assert float((loo - loo.median()).abs().median()) == pytest.approx(mad, rel=1e-3)
+    normal = torch.randn(3, 128, 6, 6, generator=g)
+    coarse = 3.0 * torch.randn(3, 128, 6, 6, generator=g)  # same mean, 3× the spread
+    s_normal, s_coarse = net.global_score(normal), net.global_score(coarse)
+    assert s_normal is not None and s_coarse is not None
+    assert float(s_coarse.min()) > float(s_normal.max())
+    # Statistics are taken before the neck's channel map (the PCA fitted on the shots).
+    rot = torch.linalg.qr(torch.randn(128, 128, generator=g))[0]  # orthogonal
+    assert net.neck is not None
+    with torch.no_grad():
+        net.neck.smooth_fine[1].weight.copy_(rot[:, :, None, None])
+    loo_rot = net.set_global(torch.einsum("dw,bwhk->bdhk", rot, shots), local)
+    torch.testing.assert_close(loo_rot, loo, atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="≥ 3 shots"):
+        net.set_global(shots[:2], local[:2])
+    net.clear_global()
+    assert net.global_score(normal) is None
+
+
+def test_global_branch_catches_a_grain_size_shift_the_anomaly_map_misses() -> None:
+    from apps.manufacturing.scenes import make_scene
+
+    # Wood with twice the ring period: every patch still looks like some normal patch.
+    shots = [make_scene("wood", None, seed=3, index=i).image for i in range(8)]
+    labelled = [make_scene("wood", d, seed=3, index=0) for d in ("texture_shift", "scratch")]
+    good = [make_scene("wood", None, seed=3, index=100 + i).image for i in range(6)]
+    shifted = [make_scene("wood", "texture_shift", seed=3, index=1 + i).image for i in range(4)]
+    kw = {"engine": "torch", "int8": False, "bank_size": 1024, "image_size": SMALL}
+    det = FewShotDetector(**kw).fit(  # type: ignore[arg-type]
+        shots, [s.image for s in labelled], [str(s.defect_type) for s in labelled]
+    )
+    # Kept because it separates the held-out shots from the labelled defects better.
+    info = det.fit_info
+    assert info["global_branch"] and info["val_auroc_global"] > info["val_auroc_local"], info
+    res = det.predict(good + shifted)
+    y = [0] * len(good) + [1] * len(shifted)
+    fused = roc_auc_score(y, [r.raw_score for r in res])
+    local = roc_auc_score(y, [r.local_score for r in res])
+    assert fused == 1.0 and fused > local, (fused, local)
+    assert all(r.raw_score >= r.local_score for r in res)
+    # Calibrated on leave-one-out scores: held-out normals pass, the shifts are flagged.
+    assert [r.is_defect for r in res] == [False] * len(good) + [True] * len(shifted)
+    # Without labelled defects there is nothing to validate it on: the branch stays off.
+    plain = FewShotDetector(**kw).fit(shots)  # type: ignore[arg-type]
+    assert not plain.fit_info["global_branch"]
+    assert all(r.raw_score == r.local_score for r in plain.predict(shifted))
