@@ -207,7 +207,9 @@ class FraudService:
         self.rewinds = 0
         self.fenced = 0
         self.label_timeouts = 0
-        self.gc_frozen = 0  # objects moved out of the cyclic GC (see _freeze_gc, _refreeze_gc)
+        # objects out of the cyclic GC (see _freeze_gc, _refreeze_gc): counted when a freeze is
+        # logged and at shutdown, not after each full collection (counting walks them all)
+        self.gc_frozen = 0
         self._gc_full = 0  # full collections seen so far
         self._assigned_at = 0.0
         self._owned_at_stop: list[int] = []
@@ -529,8 +531,7 @@ class FraudService:
         full = gc.get_stats()[2]["collections"]
         if full != self._gc_full:
             self._gc_full = full
-            gc.freeze()
-            self.gc_frozen = gc.get_freeze_count()
+            gc.freeze()  # gc_frozen is recounted at shutdown: counting walks every frozen object
 
     def _next_checkpoint(self, due: set[int]) -> _Part | None:
         """The partition to checkpoint in this loop iteration, if any: at most one.
@@ -889,6 +890,8 @@ class FraudService:
             log.warning("MLflow logging failed: %s", exc)
 
     def _shutdown(self) -> None:
+        if self.gc_frozen:
+            self.gc_frozen = gc.get_freeze_count()
         self._owned_at_stop = sorted(self.parts)
         # next transaction offset per owned partition (None: nothing read), for the stop log
         self._offsets_at_stop = {p: part.tx_next for p, part in self.parts.items()}
