@@ -293,7 +293,7 @@ def test_matrix_blur_equals_the_reflect_padded_separable_convolution() -> None:
 
 
 def test_global_branch_puts_shot_scores_on_the_local_scale_and_flags_an_outlier() -> None:
-    net = DefectNet(neck="fpn_lite", pretrained=False)  # identity neck: channels as given
+    net = DefectNet(pretrained=False)
     g = torch.Generator().manual_seed(4)
     shots = torch.randn(12, 128, 6, 6, generator=g)
     local = 5.0 + torch.rand(12, generator=g)
@@ -307,13 +307,6 @@ def test_global_branch_puts_shot_scores_on_the_local_scale_and_flags_an_outlier(
     s_normal, s_coarse = net.global_score(normal), net.global_score(coarse)
     assert s_normal is not None and s_coarse is not None
     assert float(s_coarse.min()) > float(s_normal.max())
-    # Statistics are taken before the neck's channel map (the PCA fitted on the shots).
-    rot = torch.linalg.qr(torch.randn(128, 128, generator=g))[0]  # orthogonal
-    assert net.neck is not None
-    with torch.no_grad():
-        net.neck.smooth_fine[1].weight.copy_(rot[:, :, None, None])
-    loo_rot = net.set_global(torch.einsum("dw,bwhk->bdhk", rot, shots), local)
-    torch.testing.assert_close(loo_rot, loo, atol=1e-3, rtol=1e-4)
     with pytest.raises(ValueError, match="≥ 3 shots"):
         net.set_global(shots[:2], local[:2])
     net.clear_global()
@@ -321,10 +314,11 @@ def test_global_branch_puts_shot_scores_on_the_local_scale_and_flags_an_outlier(
 
 
 def test_global_branch_catches_a_grain_size_shift_the_anomaly_map_misses() -> None:
+    from apps.manufacturing.model import GLOBAL_MIN_SHOTS
     from apps.manufacturing.scenes import make_scene
 
     # Wood with twice the ring period: every patch still looks like some normal patch.
-    shots = [make_scene("wood", None, seed=3, index=i).image for i in range(8)]
+    shots = [make_scene("wood", None, seed=3, index=i).image for i in range(GLOBAL_MIN_SHOTS)]
     labelled = [make_scene("wood", d, seed=3, index=0) for d in ("texture_shift", "scratch")]
     good = [make_scene("wood", None, seed=3, index=100 + i).image for i in range(6)]
     shifted = [make_scene("wood", "texture_shift", seed=3, index=1 + i).image for i in range(4)]
@@ -343,7 +337,14 @@ def test_global_branch_catches_a_grain_size_shift_the_anomaly_map_misses() -> No
     assert all(r.raw_score >= r.local_score for r in res)
     # Calibrated on leave-one-out scores: held-out normals pass, the shifts are flagged.
     assert [r.is_defect for r in res] == [False] * len(good) + [True] * len(shifted)
-    # Without labelled defects there is nothing to validate it on: the branch stays off.
+    # Without labelled defects there is nothing to validate it on, and with fewer shots the
+    # neck's PCA makes held-out normals look too far: the branch stays off.
     plain = FewShotDetector(**kw).fit(shots)  # type: ignore[arg-type]
-    assert not plain.fit_info["global_branch"]
-    assert all(r.raw_score == r.local_score for r in plain.predict(shifted))
+    few = FewShotDetector(
+        **kw
+    ).fit(  # type: ignore[arg-type]
+        shots[: GLOBAL_MIN_SHOTS - 1], [s.image for s in labelled], ["shift", "scratch"]
+    )
+    for off in (plain, few):
+        assert not off.fit_info["global_branch"]
+        assert all(r.raw_score == r.local_score for r in off.predict(shifted))
