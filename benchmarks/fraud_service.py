@@ -11,8 +11,8 @@ One run, one broker, the same input for both sides:
   commits. Both count transactions per second from their first polled batch to their last
   acknowledged output (group joins excluded), alternating passthrough/scorer, best of the
   repeats.
-* **latency** — the service runs in its own process (as deployed) while this process produces
-  transactions at a fixed 1,000 ev/s and reads ``scores``: latency = score received by a
+* **latency** — the service runs in its own process (as deployed) while another process
+  produces transactions at a fixed 1,000 ev/s and this one reads ``scores``: latency = score received by a
   downstream consumer − the input record's producer timestamp (end to end, both on one clock).
   The service process also stamps each transaction when a poll hands it over, when its score
   is sent and when the broker acknowledges it, so ``latency.stages`` splits the end-to-end time
@@ -174,8 +174,12 @@ def _latency(
     workdir: Path,
     mode: str = "scorer",
     gc_freeze: bool = True,
+    separate_publisher: bool = True,
 ) -> dict[str, Any]:
-    """Service (or raw passthrough) in a subprocess; produce at ``rate`` ev/s; latency per output."""
+    """Service (or raw passthrough) in a subprocess; produce at ``rate`` ev/s from another
+    subprocess (``separate_publisher``, as upstream producers are other processes: in this one
+    the producer's sender thread would queue behind the reader's for the GIL); latency per
+    output."""
     import json
 
     from apps.finance import simulator
@@ -249,16 +253,17 @@ def _latency(
             )
         time.sleep(0.5)
         warmed = set(got)
-        t0 = time.monotonic()
-        sent = publish(
-            interleave(rows, 86_400.0),
-            bootstrap,
-            rate=rate,
-            transactions=tx_topic,
-            labels=label_topic,
-            watermark_s=WATERMARK_MS / 1000.0,
-        )["transactions"]
-        achieved = sent / (time.monotonic() - t0)
+        if separate_publisher:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+                sent, seconds = pool.submit(
+                    _publish_paced, rows, bootstrap, rate, tx_topic, label_topic
+                ).result()
+        else:
+            sent, seconds = _publish_paced(rows, bootstrap, rate, tx_topic, label_topic)
+        achieved = sent / seconds
         deadline = time.monotonic() + 30
         while len(got) - len(warmed) < sent and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -284,6 +289,25 @@ def _latency(
     if trace.exists():  # written by the service process when it stops
         out.update(_stages(json.loads(trace.read_text()), timed, len(warmed)))
     return out
+
+
+def _publish_paced(
+    rows: list[dict[str, Any]], bootstrap: str, rate: float, tx_topic: str, label_topic: str
+) -> tuple[int, float]:
+    """Publish ``rows`` at ``rate`` tx/s with their labels a day later and label watermarks
+    every ``WATERMARK_MS``; returns (transactions sent, seconds it took)."""
+    from apps.finance.stream.producer import interleave, publish
+
+    t0 = time.monotonic()
+    sent = publish(
+        interleave(rows, 86_400.0),
+        bootstrap,
+        rate=rate,
+        transactions=tx_topic,
+        labels=label_topic,
+        watermark_s=WATERMARK_MS / 1000.0,
+    )["transactions"]
+    return sent, time.monotonic() - t0
 
 
 def _pcts(values: list[float]) -> dict[str, float]:
