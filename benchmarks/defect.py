@@ -129,6 +129,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             # ≤ 50 samples: 40 normal + one labelled defect (with mask) per type.
             big: dict[str, dict[str, dict[str, float]]] = {"fp32": {}, "int8": {}}
             kept: dict[str, dict[str, bool]] = {"fp32": {}, "int8": {}}
+            with_global: Any = None  # an INT8 detector that kept the global branch, timed below
             big_size = 0.0
             for t in textures:
                 d = data[t]
@@ -145,7 +146,17 @@ def run(quick: bool = False) -> dict[str, Any]:
                     if int8:
                         p = det.save(Path(tmp) / f"big-{t}.vdd")
                         big_size = max(big_size, p.stat().st_size / 1e6)
+                        if with_global is None and det.fit_info["global_branch"]:
+                            loaded = FewShotDetector.load(p, engine="auto")
+                            with_global = (loaded.net, loaded.image_size)
                 samples = len(d["fit"]) + len(d["defect_fit"])
+            # The global branch's cost: a 50-sample INT8 detector that kept it vs the 4-shot
+            # FPN-Lite INT8 detector timed above (same network, bank size and input side).
+            ms_global: dict[str, float] = {}
+            if with_global is not None:
+                ms_global = _latency_ms(
+                    {"with_global": with_global, "without": timing_nets["fpn_lite/int8"]}, repeats
+                )
     finally:
         torch.set_num_threads(old_threads)
 
@@ -216,6 +227,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             # where fit kept the global branch (it raised the validation AUROC)
             "global_branch_kept": kept,
             "int8_size_mb": big_size,
+            "int8_ms_with_global_branch": ms_global.get("with_global"),
+            "int8_ms_without_global_branch": ms_global.get("without"),
         },
         "seconds": time.perf_counter() - t_start,
         "targets": {
