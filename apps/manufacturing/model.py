@@ -707,7 +707,10 @@ class FewShotDetector:
             raises the validation AUROC (leave-one-out normal shots vs the labelled defects):
             on photographed textures (grass, gravel) normal crops differ a lot as a whole, and
             the branch then costs more false alarms than it finds. ``vigil bench defect``
-            reports the image AUROC with and without it.
+            reports the image AUROC with and without it: seed 1, 40 normal + 1 defect per
+            type, INT8, mean 0.973 → 0.982 (kept on wood 0.954 → 1.0 and painted 0.983 →
+            1.0); seed 2 (same protocol, ad hoc) 0.991 → 0.991 (kept on wood 0.971 → 1.0 and
+            on grass, 0.977 → 0.948: six labelled defects are a noisy judge).
     """
 
     def __init__(
