@@ -101,6 +101,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                     float(np.median([r["seconds"] for r in res["per_study"]])), 3
                 ),
             }
+            gain = getattr(model, "gain", None)  # the sparse context's learned residual weight
+            if gain is not None:
+                rows[enc]["residual_gain"] = round(float(gain.detach().reshape(-1)[0]), 4)
             n_targets = res["froc"]["n_targets"]
     base, sparse = rows["attention3d"], rows["sparse"]
     d_cpm = round(sparse["cpm"] - base["cpm"], 4)
