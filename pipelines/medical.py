@@ -241,6 +241,13 @@ def scan(
     console.print(f"index: {res['index']}\nquarantine report: {res['quarantine']}")
 
 
+def check_model_source(source: str, option: str = "--model") -> None:
+    """A detector given on the command line must be a file or an MLflow ``models:/`` /
+    ``runs:/`` URI; anything else is a clear error naming ``option``."""
+    if not source.startswith(("models:/", "runs:/")) and not Path(source).is_file():
+        raise UserError(f"{option} {source!r}: no such file (or give a models:/ or runs:/ URI)")
+
+
 # --------------------------------------------------------------------------- ensemble
 @app.command("ensemble")
 def ensemble(
@@ -257,8 +264,7 @@ def ensemble(
     if len(model) < 2:
         raise UserError("give at least two --model")
     for m in model:
-        if not m.startswith(("models:/", "runs:/")) and not Path(m).is_file():
-            raise UserError(f"--model {m!r}: no such file (or give a models:/ or runs:/ URI)")
+        check_model_source(m)
     svc = MedicalService.load(model, tta=False, bf16=False)
     save_detector(svc.model, out)
     typer.echo(f"wrote an ensemble of {len(model)} detectors to {out}")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pipelines.errors import UserError
+from pipelines.medical import check_model_source
 
 if TYPE_CHECKING:
     from pipelines.demo import DemoContext
@@ -134,12 +135,8 @@ def batch(
     if not pacs_dir.is_dir():
         raise UserError(f"{pacs_dir} is not a folder")
     check_engine_options(engine, ray_address)
-    if (
-        model is not None
-        and not model.startswith(("models:/", "runs:/"))
-        and not Path(model).is_file()
-    ):
-        raise UserError(f"--model {model!r}: no such file (or give a models:/ or runs:/ URI)")
+    if model is not None:
+        check_model_source(model)
     try:
         res = run_batch(
             pacs_dir,
@@ -210,9 +207,8 @@ def evaluate(
 
     _need_export(data)
     _threads(threads)
-    for m in [*(model or []), ablation]:
-        if m is not None and not m.startswith(("models:/", "runs:/")) and not Path(m).is_file():
-            raise UserError(f"model {m!r}: no such file (or give a models:/ or runs:/ URI)")
+    for m in [*(model or []), *([ablation] if ablation is not None else [])]:
+        check_model_source(m, option="model")
     flips = tuple(flip) if flip else ("lr",)
     try:
         svc = MedicalService.load(model or None, tta=tta, threshold=threshold, flips=flips)
