@@ -203,13 +203,13 @@ def evaluate(
     """FROC (0.125-8 FP/scan) and CPM, Lung-RADS accuracy, follow-up accuracy with/without text,
     seconds per study; with --ablation, the same for a second model side by side."""
     from apps.medical.evaluate import ablation_row, evaluate_export
-    from apps.medical.service import MedicalService
+    from apps.medical.service import DEFAULT_FLIPS, MedicalService
 
     _need_export(data)
     _threads(threads)
     for m in [*(model or []), *([ablation] if ablation is not None else [])]:
         check_model_source(m, option="model")
-    flips = tuple(flip) if flip else ("lr",)
+    flips = tuple(flip) if flip else DEFAULT_FLIPS
     try:
         svc = MedicalService.load(model or None, tta=tta, threshold=threshold, flips=flips)
     except ValueError as exc:  # e.g. an unknown --flip

@@ -34,6 +34,7 @@ MODEL_FORMAT = "vigil.medical.detector/1"
 CALCIFIED_HU = 180.0
 # test-time flips: name -> axis of the (B, 1, X, Y, Z) input (RAS-ordered volume axes)
 FLIPS = {"lr": 2, "ap": 3, "si": 4}
+DEFAULT_FLIPS = ("lr",)
 
 
 def core_hu(hu: np.ndarray, voxel: np.ndarray) -> float:
@@ -170,7 +171,7 @@ class MedicalService:
         use_encoder: bool = True,
         bf16: bool | None = None,
         tta: bool = True,
-        flips: Sequence[str] = ("lr",),
+        flips: Sequence[str] = DEFAULT_FLIPS,
     ) -> None:
         bad = [f for f in flips if f not in FLIPS]
         if bad:
