@@ -44,7 +44,7 @@ test-fast: assets
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy core
+	$(BIN)/mypy core apps/manufacturing
 
 format: venv
 	$(BIN)/ruff format .

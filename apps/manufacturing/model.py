@@ -76,6 +76,8 @@ class MobileNetV2Trunk(nn.Module):
 
     out_channels: tuple[int, int] = (32, 96)
     strides: tuple[int, int] = (8, 16)
+    mean: Tensor  # ImageNet normalisation buffers (register_buffer in __init__)
+    std: Tensor
 
     def __init__(self, pretrained: bool = True) -> None:
         super().__init__()
@@ -105,6 +107,12 @@ class MobileNetV2Trunk(nn.Module):
         c8 = self.stage8(x)  # (B, 32, H/8, W/8)
         c16 = self.stage16(c8)  # (B, 96, H/16, W/16)
         return c8, c16
+
+
+def _conv(module: nn.Module) -> nn.Conv2d:
+    """A container's member as the ``Conv2d`` it is (``nn.Sequential[i]`` is typed ``Module``)."""
+    assert isinstance(module, nn.Conv2d), type(module)
+    return module
 
 
 def _box3x3(channels: int) -> Tensor:
@@ -152,11 +160,18 @@ class FPNNeck(nn.Module):
             if self.separable:
                 assert isinstance(self.smooth_coarse, nn.Sequential)
                 assert isinstance(self.smooth_fine, nn.Sequential)
-                self.smooth_coarse[0].weight.copy_(_box3x3(self.width))
-                self.smooth_coarse[1].weight.copy_(coarse[:, :, None, None])
-                self.smooth_fine[0].weight.copy_(_box3x3(self.width))
-                self.smooth_fine[1].weight.copy_(fine[:, :, None, None])
-                self.smooth_fine[1].bias.copy_(fine_bias)
+                c_dw, c_pw, f_dw, f_pw = (
+                    _conv(self.smooth_coarse[0]),
+                    _conv(self.smooth_coarse[1]),
+                    _conv(self.smooth_fine[0]),
+                    _conv(self.smooth_fine[1]),
+                )
+                c_dw.weight.copy_(_box3x3(self.width))
+                c_pw.weight.copy_(coarse[:, :, None, None])
+                f_dw.weight.copy_(_box3x3(self.width))
+                f_pw.weight.copy_(fine[:, :, None, None])
+                assert f_pw.bias is not None
+                f_pw.bias.copy_(fine_bias)
             else:  # the same function as a dense 3×3: channel map ⊗ box
                 assert isinstance(self.smooth_coarse, nn.Conv2d)
                 assert isinstance(self.smooth_fine, nn.Conv2d)
@@ -177,13 +192,15 @@ class FPNNeck(nn.Module):
         # Each scale goes to its own channel block, standardised: the sum is a (scaled) concat.
         offset = 0
         with torch.no_grad():
-            for conv, mu, sd in zip(self.lateral, means, stds, strict=True):
+            for layer, mu, sd in zip(self.lateral, means, stds, strict=True):
+                conv = _conv(layer)
                 c = mu.numel()
                 w = torch.zeros(self.width, c)
                 w[offset : offset + c] = torch.diag(1.0 / sd)
                 conv.weight.copy_(w[:, :, None, None])
                 b = torch.zeros(self.width)
                 b[offset : offset + c] = -mu / sd
+                assert conv.bias is not None
                 conv.bias.copy_(b)
                 offset += c
 
@@ -507,7 +524,7 @@ class OnnxEmbedder:
             torch.onnx.export(
                 _TorchEmbedder(net).eval(),
                 (torch.zeros(1, 3, size, size),),
-                buf,
+                buf,  # type: ignore[arg-type]  # a file object works; the stub says path only
                 input_names=["images"],
                 output_names=["embeddings"],
                 dynamic_axes={

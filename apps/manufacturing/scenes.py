@@ -180,7 +180,7 @@ def _stroke(
 
     hit = np.zeros((size, size), dtype=bool)
     pts = np.round(points).astype(int)
-    inside = ((pts >= 0) & (pts < size)).all(axis=1)
+    inside = np.asarray(((pts >= 0) & (pts < size)).all(axis=1))
     for i in range(len(pts) - 1):
         if not (inside[i] and inside[i + 1]):  # the path left the image: that piece is not drawn
             continue

@@ -371,7 +371,7 @@ def evaluate_category(
     y = np.array([t is not None for _, t, _ in test])
     raw = np.array([r.raw_score for r in results])
     pred = np.array([r.is_defect for r in results])
-    masks = [
+    masks: list[np.ndarray | None] = [
         load_mask(m, im.shape[:2])
         if t is not None and m is not None
         else np.zeros(im.shape[:2], bool)
@@ -380,7 +380,7 @@ def evaluate_category(
     have_masks = all(m is not None for _, t, m in test if t is not None)
     pixel_auroc = None
     if have_masks:
-        gt = np.concatenate([m.ravel() for m in masks])
+        gt = np.concatenate([m.ravel() for m in masks if m is not None])
         # Raw distances: the normalised map is clipped to 0..1, which would tie many pixels.
         pm = np.concatenate([r.raw_map.ravel() for r in results if r.raw_map is not None])
         pixel_auroc = float(roc_auc_score(gt, pm)) if gt.any() else None
