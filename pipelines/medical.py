@@ -270,6 +270,78 @@ def ensemble(
     typer.echo(f"wrote an ensemble of {len(model)} detectors to {out}")
 
 
+# --------------------------------------------------------------------------- train-fpr
+@app.command("train-fpr")
+def train_fpr(
+    model: Annotated[str, typer.Option(help="The trained detector (state file or MLflow URI).")],
+    data: Annotated[
+        list[Path],
+        typer.Option(help="Training phantom export (pacs/ + truth/); repeat for several."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write detector + classifier (one file).")
+    ],
+    val: Annotated[
+        Path | None,
+        typer.Option(
+            help="Validation export: the combination weight with the best sensitivity at "
+            "1 FP/scan there is kept (never pass the held-out export)."
+        ),
+    ] = None,
+    weight: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Fixed combination weight w (confidence = detector^(1-w) * classifier^w) "
+            "instead of choosing on --val (default without --val: 0.5).",
+        ),
+    ] = None,
+    flip: Annotated[
+        list[str] | None,
+        typer.Option(help="TTA flips of the detector when mining candidates (as evaluate)."),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 1200,
+    patch: Annotated[int, typer.Option(min=8, help="Fine patch edge in voxels (x4).")] = 16,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch CPU threads.")] = None,
+) -> None:
+    """Train the second-stage false-positive-reduction classifier on the detector's candidates
+    (a 3D CNN on a two-scale patch around each); logs to MLflow; the output file loads wherever
+    a detector goes (batch, evaluate, the UI)."""
+    from rich.progress import Progress
+
+    from apps.medical.fpr import FprConfig, train_fpr_and_log
+    from apps.medical.service import DEFAULT_FLIPS, FLIPS
+
+    check_model_source(model)
+    for d in [*data, *([val] if val is not None else [])]:
+        if not (d / "pacs").is_dir() or not (d / "truth").is_dir():
+            raise UserError(f"{d} is not a phantom export (needs pacs/ and truth/)")
+    flips = tuple(flip) if flip else DEFAULT_FLIPS
+    bad = [f for f in flips if f not in FLIPS]
+    if bad:
+        raise UserError(f"--flip must be among {', '.join(FLIPS)}, got {', '.join(bad)}")
+    if patch % 4:
+        raise UserError(f"--patch must be a multiple of 4, got {patch}")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = FprConfig(steps=steps, patch=patch, seed=seed)
+    with Progress() as prog:
+        task = prog.add_task("candidates", total=None)
+
+        def cb(what: str, i: int, n: int) -> None:
+            prog.update(task, description=what, completed=i, total=n)
+
+        try:
+            summary = train_fpr_and_log(model, data, out, val, cfg, flips, weight, cb)
+        except ValueError as exc:  # e.g. no candidates of one kind
+            raise UserError(str(exc)) from None
+    typer.echo(json.dumps(summary, indent=1))
+
+
 # --------------------------------------------------------------------------- demo
 def demo_step(ctx: DemoContext) -> dict[str, Any]:
     """Synthesise a few studies plus the edge cases, scan them, log the summary to MLflow."""

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from apps.medical.ensemble import Detector
+    from apps.medical.fpr import CandidateClassifier
     from apps.medical.pacs import CTVolume, ScanResult, Study
     from apps.medical.text import ClinicalTextEncoder
 
@@ -90,20 +91,29 @@ class StudyReport:
     picks_voxel: list[list[float]] = field(default_factory=list)  # token model's top-k picks
 
 
-def save_detector(model: Detector, path: Path, run_id: str | None = None) -> Path:
+def save_detector(
+    model: Detector,
+    path: Path,
+    run_id: str | None = None,
+    fpr: CandidateClassifier | None = None,
+    fpr_info: dict[str, Any] | None = None,
+) -> Path:
     """Write a detector (or ensemble) state file (weights + constructor args) loadable by
-    :meth:`MedicalService.load`."""
+    :meth:`MedicalService.load`; with ``fpr``, the second-stage classifier
+    (:mod:`apps.medical.fpr`) goes into the same file (key ``fpr``, ``fpr_info`` with it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "format": MODEL_FORMAT,
-            "args": model.constructor_args(),  # "encoder" names the class (build_detector)
-            "state_dict": model.state_dict(),
-            "run_id": run_id,
-        },
-        path,
-    )
+    state: dict[str, Any] = {
+        "format": MODEL_FORMAT,
+        "args": model.constructor_args(),  # "encoder" names the class (build_detector)
+        "state_dict": model.state_dict(),
+        "run_id": run_id,
+    }
+    if fpr is not None:
+        from apps.medical.fpr import classifier_state
+
+        state["fpr"] = classifier_state(fpr, fpr_info)
+    torch.save(state, path)
     return path
 
 
@@ -160,6 +170,11 @@ class MedicalService:
             mirrored along each axis in ``flips`` (one more detector pass per flip).
         flips: the mirror axes of ``tta``: ``lr`` (left-right), ``ap``, ``si`` (see
             :data:`FLIPS`).
+        fpr: second-stage false-positive reduction (:mod:`apps.medical.fpr`): re-scores every
+            candidate the detector decodes down to its ``CANDIDATE_THRESHOLD``; a finding's
+            ``confidence`` is then the combined score (``threshold`` applies to it) and
+            ``detector_confidence`` / ``nodule_probability`` / ``spiculation_probability``
+            are kept beside it. ``None``: detector confidence only (files without a classifier).
     """
 
     def __init__(
@@ -172,6 +187,7 @@ class MedicalService:
         bf16: bool | None = None,
         tta: bool = True,
         flips: Sequence[str] = DEFAULT_FLIPS,
+        fpr: CandidateClassifier | None = None,
     ) -> None:
         bad = [f for f in flips if f not in FLIPS]
         if bad:
@@ -196,6 +212,11 @@ class MedicalService:
         self.bf16 = bf16
         self.tta = tta
         self.flips = tuple(dict.fromkeys(flips))
+        if fpr is not None and abs(fpr.spacing_mm - model.spacing_mm) > 1e-6:
+            raise ValueError(
+                f"classifier spacing {fpr.spacing_mm} mm != detector spacing {model.spacing_mm} mm"
+            )
+        self.fpr = fpr.eval() if fpr is not None else None
         self._encoder: ClinicalTextEncoder | None = None
         self._token_encoder: ClinicalTextEncoder | bool | None = None  # False: unavailable
 
@@ -209,21 +230,24 @@ class MedicalService:
         from pipelines.errors import UserError
 
         if isinstance(source, str | Path) or source is None:
-            return cls(*_load_detector(source), **kw)
-        sources = list(source)
+            source = [source]  # type: ignore[list-item]
+        sources = list(source)  # type: ignore[arg-type]
         if len(sources) == 1:
-            return cls(*_load_detector(sources[0]), **kw)
+            model, info, fpr = _load_detector(sources[0])
+            return cls(model, info, **{"fpr": fpr, **kw})
         from apps.medical.ensemble import DetectorEnsemble
 
         loaded = [_load_detector(s) for s in sources]
+        if any(f is not None for _, _, f in loaded):
+            log.warning("an ensemble of files: their second-stage classifiers are not used")
         try:
-            model = DetectorEnsemble([m for m, _ in loaded])
+            model = DetectorEnsemble([m for m, _, _ in loaded])
         except ValueError as exc:
             raise UserError(f"cannot ensemble {', '.join(map(str, sources))}: {exc}") from None
         info = {
             "name": "vigil-medical-detector-ensemble",
-            "version": "+".join(str(i["version"]) for _, i in loaded),
-            "run_id": ",".join(str(i["run_id"]) for _, i in loaded if i["run_id"]) or None,
+            "version": "+".join(str(i["version"]) for _, i, _ in loaded),
+            "run_id": ",".join(str(i["run_id"]) for _, i, _ in loaded if i["run_id"]) or None,
         }
         return cls(model, info, **kw)
 
@@ -283,7 +307,10 @@ class MedicalService:
         if out.picks is not None:  # stride-4 cell -> centre voxel of the cell
             cells = out.picks[0].reshape(-1, 3).float() * 4 + 1.5
             picks = [[round(float(v), 1) for v in c] for c in cells.tolist()]
-        cands = decode(out, threshold=self.threshold, max_candidates=30, spacing_mm=sp)[0]
+        from apps.medical.fpr import CANDIDATE_THRESHOLD
+
+        floor = min(self.threshold, CANDIDATE_THRESHOLD) if self.fpr else self.threshold
+        cands = decode(out, threshold=floor, max_candidates=30, spacing_mm=sp)[0]
         X, Y, Z = volume.shape
         heat = out.heatmap[0, 0].numpy()  # (X'/2, Y'/2, Z'/2)
         heat = ndimage.zoom(heat, 2, order=1)[:X, :Y, :Z].astype(np.float32)
@@ -319,7 +346,34 @@ class MedicalService:
                     "core_hu": round(dense, 1),
                 }
             )
+        if self.fpr is not None:
+            found = self._rescore(found, x[0, 0].numpy())
         return found, heat, picks
+
+    def _rescore(self, found: list[dict[str, Any]], image: np.ndarray) -> list[dict[str, Any]]:
+        """Second stage: classifier probabilities, the combined confidence (``threshold``
+        applies to it), best first."""
+        from apps.medical.fpr import combine_scores
+
+        assert self.fpr is not None
+        if not found:
+            return found
+        p_nod, p_spic = self.fpr.score(image, np.array([f["voxel"] for f in found]))
+        det = np.array([f["confidence"] for f in found])
+        conf = combine_scores(det, p_nod, self.fpr.weight)
+        out = []
+        for f, c, pn, ps in zip(found, conf, p_nod, p_spic, strict=True):
+            if c >= self.threshold:
+                out.append(
+                    {
+                        **f,
+                        "confidence": round(float(c), 4),
+                        "detector_confidence": f["confidence"],
+                        "nodule_probability": round(float(pn), 4),
+                        "spiculation_probability": round(float(ps), 4),
+                    }
+                )
+        return sorted(out, key=lambda f: -f["confidence"])
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor, text: np.ndarray | None = None) -> DetectorOutput:
@@ -461,8 +515,11 @@ class MedicalService:
         return rep
 
 
-def _load_detector(source: str | Path | None) -> tuple[Detector, dict[str, Any]]:
-    """One detector (or saved ensemble) and its model info, from a state file or MLflow URI."""
+def _load_detector(
+    source: str | Path | None,
+) -> tuple[Detector, dict[str, Any], CandidateClassifier | None]:
+    """One detector (or saved ensemble), its model info and its second-stage classifier (state
+    files that carry one; else None), from a state file or MLflow URI."""
     from core import tracking
     from pipelines.errors import UserError
 
@@ -479,7 +536,16 @@ def _load_detector(source: str | Path | None) -> tuple[Detector, dict[str, Any]]
             "version": Path(str(source)).name,
             "run_id": state.get("run_id"),
         }
-        return model, info
+        fpr = None
+        if state.get("fpr") is not None:
+            from apps.medical.fpr import classifier_from_state
+
+            try:
+                fpr = classifier_from_state(state["fpr"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise UserError(f"{source}: unreadable second-stage classifier ({exc})") from None
+            info["fpr"] = {"weight": fpr.weight, **dict(state["fpr"].get("info") or {})}
+        return model, info, fpr
     import mlflow.pytorch
 
     from apps.medical.train import MODEL_NAME
@@ -503,7 +569,7 @@ def _load_detector(source: str | Path | None) -> tuple[Detector, dict[str, Any]]
             info = {"name": name, "version": str(mv.version), "run_id": mv.run_id}
     except Exception:
         pass
-    return model, info
+    return model, info, None
 
 
 class StudyError(Exception):

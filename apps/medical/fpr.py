@@ -1,0 +1,537 @@
+"""Second-stage false-positive reduction: a small 3D CNN that re-scores detector candidates.
+
+The LUNA16 protocol's "false positive reduction" track: a candidate detector tuned for
+sensitivity proposes locations; a classifier looks at a patch around each one and says nodule or
+not. Here, as in multi-level contextual 3D CNNs for FP reduction (Dou et al. 2017), the
+classifier sees the candidate at two scales, stacked as two input channels on one grid:
+
+* channel 0: a ``patch``\\ ³ cube at the detector's spacing (16 voxels at 2 mm: 32 mm, the
+  nodule and its immediate surroundings);
+* channel 1: a ``2·patch``\\ ³ cube average-pooled by 2 (64 mm at 4 mm per voxel: is the bright
+  spot the cross-section of a vessel that continues, or the chest wall?).
+
+The net (MONAI ``Convolution`` / ``ResidualUnit``) ends in two logits: *nodule* (the candidate
+lies on a truth nodule >= 4 mm, matched as :func:`apps.medical.evaluate.froc` matches) and
+*spiculated* (LIDC spiculation rating >= 3, trained on nodule patches only).
+
+**Combination** (:func:`combine_scores`): the final confidence of a candidate is the weighted
+geometric mean ``detector ** (1 - w) * p_nodule ** w``, ``w`` = :attr:`CandidateClassifier.weight`
+chosen on a validation export (``vigil medical train-fpr --val``). It stays in [0, 1], keeps the
+detector's ranking at ``w = 0`` and is the classifier alone at ``w = 1``.
+
+The classifier is stored inside the detector state file (key ``fpr``,
+:func:`apps.medical.service.save_detector`), so batch / evaluate / the UI load one file; detector
+files without it load and run as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+FPR_FORMAT = "vigil.medical.fpr/1"
+# Candidates are decoded down to this detector confidence when a classifier re-scores them
+# (what evaluate's FROC sweep uses): the classifier can lift a faint true nodule over vessels.
+CANDIDATE_THRESHOLD = 0.02
+SPICULATED_RATING = 3  # LIDC spiculation >= 3 ("medium" or more): the phantom draws spicules
+
+
+class CandidateClassifier(nn.Module):
+    """Nodule vs not (and spiculated vs not) from a two-scale patch around a candidate.
+
+    Args:
+        patch: edge of the fine cube in voxels (multiple of 4); the context cube is twice that.
+        channels: widths at strides 1, 2, 4.
+        spacing_mm: the detector's input spacing (the patches are cut from that volume).
+        weight: ``w`` of :func:`combine_scores` (0: detector only, 1: classifier only).
+    """
+
+    def __init__(
+        self,
+        patch: int = 16,
+        channels: Sequence[int] = (16, 32, 64),
+        spacing_mm: float = 2.0,
+        weight: float = 0.5,
+    ) -> None:
+        super().__init__()
+        from monai.networks.blocks import Convolution, ResidualUnit
+
+        if patch < 8 or patch % 4:
+            raise ValueError(f"patch must be a multiple of 4 and >= 8, got {patch}")
+        if len(channels) != 3 or min(channels) < 1:
+            raise ValueError(f"channels must be 3 positive widths, got {channels}")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight must be in [0, 1], got {weight}")
+        c0, c1, c2 = (int(c) for c in channels)
+        self.patch, self.channels = int(patch), (c0, c1, c2)
+        self.spacing_mm, self.weight = float(spacing_mm), float(weight)
+        self.net = nn.Sequential(
+            Convolution(3, 2, c0, strides=1, kernel_size=3, norm="batch", act="relu"),
+            ResidualUnit(3, c0, c1, strides=2, kernel_size=3, subunits=2, norm="batch"),
+            ResidualUnit(3, c1, c2, strides=2, kernel_size=3, subunits=2, norm="batch"),
+            nn.AdaptiveAvgPool3d(1),
+            nn.Flatten(),
+            nn.Dropout(0.2),
+            nn.Linear(c2, 2),  # logits: nodule, spiculated
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, 2, P, P, P) from :func:`extract_patches` -> (B, 2) logits."""
+        if x.ndim != 5 or x.shape[1] != 2:
+            raise ValueError(f"expected (B, 2, P, P, P), got {tuple(x.shape)}")
+        return self.net(x)
+
+    @torch.no_grad()
+    def score(self, image: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(p_nodule, p_spiculated), each (N,), for candidate voxel ``centres`` (N, 3) of a
+        preprocessed volume ``image`` (X, Y, Z) in [0, 1]."""
+        if len(centres) == 0:
+            return np.zeros(0), np.zeros(0)
+        was = self.training
+        self.eval()
+        p = torch.sigmoid(self(extract_patches(image, centres, self.patch)).float()).numpy()
+        self.train(was)
+        return p[:, 0].astype(float), p[:, 1].astype(float)
+
+    def constructor_args(self) -> dict[str, Any]:
+        return {
+            "patch": self.patch,
+            "channels": list(self.channels),
+            "spacing_mm": self.spacing_mm,
+            "weight": self.weight,
+        }
+
+
+def combine_scores(detector: np.ndarray, p_nodule: np.ndarray, weight: float) -> np.ndarray:
+    """Final candidate confidence: ``detector ** (1 - weight) * p_nodule ** weight``."""
+    d = np.clip(np.asarray(detector, dtype=float), 1e-6, 1.0)
+    p = np.clip(np.asarray(p_nodule, dtype=float), 1e-6, 1.0)
+    return np.asarray(np.exp((1.0 - weight) * np.log(d) + weight * np.log(p)))
+
+
+def extract_patches(image: np.ndarray, centres: np.ndarray, patch: int) -> torch.Tensor:
+    """(N, 2, P, P, P) float32: the fine cube and the 2x context cube (average-pooled to P)
+    around each voxel centre (rounded); outside the volume is air (0)."""
+    centres = np.round(np.asarray(centres, dtype=float).reshape(-1, 3)).astype(int)
+    big = 2 * patch
+    shape = np.array(image.shape)
+    cubes = np.zeros((len(centres), big, big, big), dtype=np.float32)
+    for i, c in enumerate(centres):
+        start = c - patch
+        lo, hi = np.maximum(start, 0), np.minimum(start + big, shape)
+        if np.any(hi <= lo):
+            continue  # wholly outside: air
+        a, b = lo - start, hi - start
+        cubes[i, a[0] : b[0], a[1] : b[1], a[2] : b[2]] = image[
+            lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]
+        ]
+    ctx = torch.from_numpy(cubes)[:, None]
+    q = patch // 2
+    fine = ctx[:, :, q : q + patch, q : q + patch, q : q + patch]
+    return torch.cat([fine, F.avg_pool3d(ctx, 2)], dim=1).contiguous()
+
+
+# ------------------------------------------------------------------ candidates of an export
+@dataclass
+class CandidateCase:
+    """One study of an export: its volume, the detector's candidates and the truth."""
+
+    key: str
+    image: np.ndarray  # (X, Y, Z) preprocessed, [0, 1]
+    cand_voxel: np.ndarray  # (N, 3)
+    cand_mm: np.ndarray  # (N, 3) LPS
+    cand_conf: np.ndarray  # (N,) detector confidence
+    cand_label: np.ndarray  # (N,) 1 nodule >= 4 mm, 0 false positive, -1 on a smaller nodule
+    truth: list[dict[str, Any]] = field(default_factory=list)  # truth nodules (LPS mm)
+    truth_voxel: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    truth_spiculated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+def label_candidates(
+    cand_mm: np.ndarray, truth: Sequence[dict[str, Any]], min_size_mm: float = 4.0
+) -> np.ndarray:
+    """1 / 0 / -1 per candidate, matched as the FROC matches (within the nodule's radius,
+    floored at 4 mm; the nearest hit nodule decides; a hit on a nodule < ``min_size_mm`` is -1)."""
+    cand_mm = np.asarray(cand_mm, dtype=float).reshape(-1, 3)
+    if not len(truth):
+        return np.zeros(len(cand_mm), dtype=int)
+    centres = np.array([t["center_mm"] for t in truth], dtype=float)
+    radii = np.array([max(t["mean_diameter_mm"] / 2, 4.0) for t in truth])
+    big = np.array([t["mean_diameter_mm"] >= min_size_mm for t in truth])
+    labels = np.zeros(len(cand_mm), dtype=int)
+    for i, c in enumerate(cand_mm):
+        d = np.linalg.norm(centres - c, axis=1)
+        hit = np.flatnonzero(d <= radii)
+        if len(hit):
+            labels[i] = 1 if big[hit[np.argmin(d[hit])]] else -1
+    return labels
+
+
+def spiculated(nodule: dict[str, Any]) -> bool:
+    """Truth: LIDC spiculation rating >= :data:`SPICULATED_RATING`."""
+    return int((nodule.get("lidc") or {}).get("spiculation", 1)) >= SPICULATED_RATING
+
+
+def mine_candidates(
+    data_dir: Path | str,
+    service: Any,
+    cache_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[CandidateCase]:
+    """Run ``service``'s detector (with its TTA; no classifier) over every study of a phantom
+    export with truth, at :data:`CANDIDATE_THRESHOLD`; cached per study in ``cache_dir``."""
+    from apps.medical.model import preprocess
+    from apps.medical.pacs import (
+        load_study_volumes,
+        read_clinical_text,
+        scan_folder,
+        world_to_voxel,
+    )
+    from apps.medical.phantom import load_truth
+
+    data_dir = Path(data_dir)
+    truths = load_truth(data_dir / "truth")
+    if not truths:
+        raise FileNotFoundError(f"no truth files under {data_dir / 'truth'}")
+    scan = scan_folder(data_dir / "pacs")
+    studies = [s for s in scan.studies.values() if s.uid in truths]
+    sp = service.model.spacing_mm
+    cases: list[CandidateCase] = []
+    keep = service.threshold, service.fpr
+    for n, study in enumerate(studies, 1):
+        truth = truths[study.uid]["nodules"]
+        f = cache_dir / f"{study.key}.npz" if cache_dir is not None else None
+        if f is not None and f.exists():
+            z = np.load(f)
+            image, voxel, mm, conf = z["image"], z["voxel"], z["mm"], z["conf"]
+            affine = z["affine"]
+        else:
+            vols = load_study_volumes(study, spacing=(sp, sp, sp))
+            if not vols:
+                log.warning("study %s: no volume, skipped", study.key)
+                continue
+            text = scan.deid.scrub_text(read_clinical_text(study), study.identity)
+            service.threshold, service.fpr = CANDIDATE_THRESHOLD, None
+            try:
+                cands, _, _ = service.detect_with_picks(vols[0], text)
+            finally:
+                service.threshold, service.fpr = keep
+            image = preprocess(vols[0].array)[0, 0].numpy().astype(np.float16)
+            voxel = np.array([c["voxel"] for c in cands], dtype=float).reshape(-1, 3)
+            mm = np.array([c["center_mm"] for c in cands], dtype=float).reshape(-1, 3)
+            conf = np.array([c["confidence"] for c in cands], dtype=float)
+            affine = vols[0].affine
+            if f is not None:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(f, image=image, voxel=voxel, mm=mm, conf=conf, affine=affine)
+        tv = np.array(
+            [world_to_voxel(affine, t["center_mm"], space="LPS") for t in truth], dtype=float
+        ).reshape(-1, 3)
+        cases.append(
+            CandidateCase(
+                key=study.key,
+                image=np.asarray(image, dtype=np.float32),
+                cand_voxel=voxel,
+                cand_mm=mm,
+                cand_conf=conf,
+                cand_label=label_candidates(mm, truth),
+                truth=list(truth),
+                truth_voxel=tv,
+                truth_spiculated=np.array([spiculated(t) for t in truth], dtype=bool),
+            )
+        )
+        if progress is not None:
+            progress(n, len(studies))
+    return cases
+
+
+# ------------------------------------------------------------------ training
+@dataclass(frozen=True)
+class FprConfig:
+    """Training recipe of :func:`train_classifier` (CPU: ~1-3 min at the defaults)."""
+
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 2e-3
+    patch: int = 16
+    channels: tuple[int, int, int] = (16, 32, 64)
+    positive_share: float = 0.4  # of each batch: nodule patches (truth- or detection-centred)
+    jitter: int = 2  # voxels of random shift of a nodule patch's centre
+    seed: int = 0
+
+
+def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random flips along every axis and an in-plane transpose (per batch)."""
+    dims = [d for d in (2, 3, 4) if rng.random() < 0.5]
+    if dims:
+        x = torch.flip(x, dims)
+    if rng.random() < 0.5:
+        x = x.transpose(2, 3)
+    return x.contiguous()
+
+
+def train_classifier(
+    cases: Sequence[CandidateCase],
+    cfg: FprConfig = FprConfig(),
+    spacing_mm: float = 2.0,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[CandidateClassifier, list[dict[str, float]]]:
+    """Train on the detector's candidates of ``cases``: negatives are its false positives,
+    positives are truth nodules >= 4 mm (centre jittered) and the candidates that hit them;
+    flips and in-plane transposes for both. Spiculation is learnt on nodule patches only."""
+    negs = [
+        (i, v)
+        for i, c in enumerate(cases)
+        for v, lab in zip(c.cand_voxel, c.cand_label, strict=True)
+        if lab == 0
+    ]
+    pos: list[tuple[int, np.ndarray, bool]] = []
+    for i, c in enumerate(cases):
+        big = [t["mean_diameter_mm"] >= 4.0 for t in c.truth]
+        for v, s, b in zip(c.truth_voxel, c.truth_spiculated, big, strict=True):
+            if b:
+                pos.append((i, v, bool(s)))
+        for v, lab in zip(c.cand_voxel, c.cand_label, strict=True):
+            if lab == 1:  # the truth nodule it hit: its spiculation
+                d = np.linalg.norm(c.truth_voxel - v, axis=1)
+                pos.append((i, v, bool(c.truth_spiculated[int(np.argmin(d))])))
+    if not negs or not pos:
+        raise ValueError(f"need candidates of both kinds, got {len(pos)} nodule, {len(negs)} other")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = CandidateClassifier(cfg.patch, cfg.channels, spacing_mm)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    warm = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
+    )
+    n_pos = max(1, round(cfg.batch_size * cfg.positive_share))
+    history: list[dict[str, float]] = []
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        xs, ys, ss = [], [], []
+        for j in rng.integers(len(pos), size=n_pos):
+            i, v, s = pos[int(j)]
+            c = v + rng.integers(-cfg.jitter, cfg.jitter + 1, size=3)
+            xs.append(extract_patches(cases[i].image, c[None], cfg.patch))
+            ys.append(1.0)
+            ss.append(float(s))
+        for j in rng.integers(len(negs), size=cfg.batch_size - n_pos):
+            i, v = negs[int(j)]
+            c = v + rng.integers(-1, 2, size=3)
+            xs.append(extract_patches(cases[i].image, c[None], cfg.patch))
+            ys.append(0.0)
+            ss.append(-1.0)
+        x = _augment(torch.cat(xs), rng)
+        y, s = torch.tensor(ys), torch.tensor(ss)
+        logits = model(x)
+        loss_n = F.binary_cross_entropy_with_logits(logits[:, 0], y)
+        m = s >= 0
+        loss_s = F.binary_cross_entropy_with_logits(logits[m, 1], s[m]) if m.any() else 0 * loss_n
+        loss = loss_n + 0.5 * loss_s
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        rec = {
+            k: float(v.detach())
+            for k, v in (("total", loss), ("nodule", loss_n), ("spiculation", loss_s))
+        }
+        history.append(rec)
+        if progress is not None:
+            progress(step, rec)
+    return model.eval(), history
+
+
+def rescored(cases: Sequence[CandidateCase], clf: CandidateClassifier) -> list[np.ndarray]:
+    """p_nodule of every candidate of each case."""
+    return [clf.score(c.image, c.cand_voxel)[0] for c in cases]
+
+
+def froc_for_weight(
+    cases: Sequence[CandidateCase], p_nodule: Sequence[np.ndarray], weight: float
+) -> dict[str, Any]:
+    """:func:`apps.medical.evaluate.froc` of the combined confidences at ``weight``."""
+    from apps.medical.evaluate import froc
+
+    scans = []
+    for c, p in zip(cases, p_nodule, strict=True):
+        conf = combine_scores(c.cand_conf, p, weight)
+        cands = [
+            {"center_mm": m, "confidence": float(s)} for m, s in zip(c.cand_mm, conf, strict=True)
+        ]
+        scans.append((cands, c.truth))
+    return froc(scans)
+
+
+WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def choose_weight(
+    cases: Sequence[CandidateCase], clf: CandidateClassifier, weights: Sequence[float] = WEIGHTS
+) -> tuple[float, list[dict[str, Any]]]:
+    """The combination weight with the best sensitivity at 1 FP/scan on ``cases`` (ties: the
+    higher CPM, then the smaller weight); returns it and the table of every weight."""
+    p = rescored(cases, clf)
+    rows = []
+    for w in weights:
+        fr = froc_for_weight(cases, p, w)
+        rows.append(
+            {
+                "weight": w,
+                "sensitivity_at_1fp": fr["sensitivity_at_fp"]["1.0"],
+                "cpm": fr["cpm"],
+                "sensitivity_at_fp": fr["sensitivity_at_fp"],
+            }
+        )
+    best = max(rows, key=lambda r: (r["sensitivity_at_1fp"], r["cpm"], -r["weight"]))
+    return float(best["weight"]), rows
+
+
+def classifier_state(
+    clf: CandidateClassifier, info: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``fpr`` entry of a detector state file."""
+    return {
+        "format": FPR_FORMAT,
+        "args": clf.constructor_args(),
+        "state_dict": clf.state_dict(),
+        "info": info or {},
+    }
+
+
+def classifier_from_state(state: dict[str, Any]) -> CandidateClassifier:
+    if state.get("format") != FPR_FORMAT:
+        raise ValueError(f"unknown classifier format {state.get('format')!r}")
+    args = dict(state["args"])
+    clf = CandidateClassifier(
+        patch=int(args["patch"]),
+        channels=tuple(args["channels"]),
+        spacing_mm=float(args["spacing_mm"]),
+        weight=float(args["weight"]),
+    )
+    clf.load_state_dict(state["state_dict"])
+    return clf.eval()
+
+
+# ------------------------------------------------------------------ the command's glue
+def candidate_cache(data_dir: Path | str, model_source: str, flips: Sequence[str]) -> Path:
+    """``DATA/cache/fpr-<digest>``: candidates of this detector file with these flips."""
+    import hashlib
+
+    h = hashlib.sha1(Path(model_source).read_bytes() if Path(model_source).is_file() else b"")
+    h.update(f"{model_source}|{','.join(flips)}|{CANDIDATE_THRESHOLD}".encode())
+    return Path(data_dir) / "cache" / f"fpr-{h.hexdigest()[:12]}"
+
+
+def train_fpr_and_log(
+    model_source: str,
+    data_dirs: Sequence[Path | str],
+    out_path: Path | str,
+    val_dir: Path | str | None = None,
+    cfg: FprConfig = FprConfig(),
+    flips: Sequence[str] = ("lr",),
+    weight: float | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Mine the detector's candidates on ``data_dirs`` (and ``val_dir``), train the classifier,
+    choose the combination weight on ``val_dir`` (unless ``weight`` is given; without either:
+    0.5), write detector + classifier to ``out_path`` and log the run to MLflow."""
+    from apps.medical.service import MedicalService, save_detector
+    from core import tracking
+
+    svc = MedicalService.load(model_source, tta=bool(flips), flips=tuple(flips) or ("lr",))
+    svc.fpr = None  # a file that already has a classifier: mine the detector's own candidates
+
+    def mine(d: Path | str, label: str) -> list[CandidateCase]:
+        def cb(i: int, n: int) -> None:
+            if progress is not None:
+                progress(f"candidates {label}", i, n)
+
+        return mine_candidates(d, svc, candidate_cache(d, model_source, flips), cb)
+
+    t0 = time.perf_counter()
+    train_cases = [c for d in data_dirs for c in mine(d, Path(d).name)]
+    val_cases = mine(val_dir, "validation") if val_dir is not None else []
+    t_mine = time.perf_counter() - t0
+    n_neg = int(sum((c.cand_label == 0).sum() for c in train_cases))
+    n_hit = int(sum((c.cand_label == 1).sum() for c in train_cases))
+    params = {
+        **{k: v for k, v in vars(cfg).items()},
+        "detector": str(model_source),
+        "data": ",".join(map(str, data_dirs)),
+        "validation": str(val_dir) if val_dir is not None else None,
+        "flips": ",".join(flips),
+        "n_cases": len(train_cases),
+        "n_negative_candidates": n_neg,
+        "n_nodule_candidates": n_hit,
+    }
+    with tracking.start_run("medical", run_name="train-fpr", params=params) as run:
+        t1 = time.perf_counter()
+
+        def cb(step: int, rec: dict[str, float]) -> None:
+            if progress is not None:
+                progress(f"training loss {rec['total']:.3f}", step, cfg.steps)
+
+        clf, history = train_classifier(train_cases, cfg, svc.model.spacing_mm, cb)
+        t_train = time.perf_counter() - t1
+        for i in range(0, len(history), max(1, len(history) // 50)):
+            tracking.log_metrics({f"loss_{k}": v for k, v in history[i].items()}, step=i)
+        rows: list[dict[str, Any]] = []
+        if weight is None and val_cases:
+            weight, rows = choose_weight(val_cases, clf)
+            for r in rows:
+                w = r["weight"]
+                tracking.log_metrics(
+                    {f"val_sens_1fp_w{w:g}": r["sensitivity_at_1fp"], f"val_cpm_w{w:g}": r["cpm"]}
+                )
+        clf.weight = 0.5 if weight is None else float(weight)
+        chosen = next((r for r in rows if r["weight"] == clf.weight), None)
+        tracking.log_metrics(
+            {
+                "mine_seconds": t_mine,
+                "train_seconds": t_train,
+                "final_loss": history[-1]["total"],
+                "weight": clf.weight,
+            }
+        )
+        info = {
+            "run_id": run.info.run_id,
+            "flips": list(flips),
+            "data": [str(d) for d in data_dirs],
+            "validation": rows,
+        }
+        save_detector(
+            svc.model, Path(out_path), run_id=svc.model_info.get("run_id"), fpr=clf, fpr_info=info
+        )
+        tracking.log_artifact(Path(out_path))
+        run_id = run.info.run_id
+    detector_only = next((r for r in rows if r["weight"] == 0.0), None)
+    return {
+        "run_id": run_id,
+        "out": str(out_path),
+        "weight": clf.weight,
+        "train_cases": len(train_cases),
+        "negative_candidates": n_neg,
+        "nodule_candidates": n_hit,
+        "mine_seconds": round(t_mine, 1),
+        "train_seconds": round(t_train, 1),
+        "final_loss": round(history[-1]["total"], 4),
+        "val_sensitivity_at_1fp": chosen["sensitivity_at_1fp"] if chosen else None,
+        "val_cpm": chosen["cpm"] if chosen else None,
+        "val_detector_only_sensitivity_at_1fp": (
+            detector_only["sensitivity_at_1fp"] if detector_only else None
+        ),
+        "validation": [{k: r[k] for k in ("weight", "sensitivity_at_1fp", "cpm")} for r in rows],
+    }
