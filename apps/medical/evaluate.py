@@ -88,9 +88,14 @@ def froc(
 
 
 def truth_nodules(truth: dict[str, Any]) -> list[rules.Nodule]:
+    """The truth's nodules for the rules; spiculated: LIDC rating >= ``SPICULATED_RATING``."""
     return [
         rules.Nodule(
-            n["mean_diameter_mm"], n["type"], n.get("solid_component_mm"), bool(n.get("calcified"))
+            n["mean_diameter_mm"],
+            n["type"],
+            n.get("solid_component_mm"),
+            bool(n.get("calcified")),
+            int((n.get("lidc") or {}).get("spiculation", 1)) >= rules.SPICULATED_RATING,
         )
         for n in truth.get("nodules", [])
     ]

@@ -44,7 +44,8 @@ FPR_FORMAT = "vigil.medical.fpr/1"
 # Candidates are decoded down to this detector confidence when a classifier re-scores them
 # (what evaluate's FROC sweep uses): the classifier can lift a faint true nodule over vessels.
 CANDIDATE_THRESHOLD = 0.02
-SPICULATED_RATING = 3  # LIDC spiculation >= 3 ("medium" or more): the phantom draws spicules
+# p(spiculated) from which a finding is reported spiculated (Lung-RADS 3/4 -> 4X)
+SPICULATION_THRESHOLD = 0.5
 
 
 class CandidateClassifier(nn.Module):
@@ -179,7 +180,9 @@ def label_candidates(
 
 
 def spiculated(nodule: dict[str, Any]) -> bool:
-    """Truth: LIDC spiculation rating >= :data:`SPICULATED_RATING`."""
+    """Truth: LIDC spiculation rating >= :data:`apps.medical.rules.SPICULATED_RATING`."""
+    from apps.medical.rules import SPICULATED_RATING
+
     return int((nodule.get("lidc") or {}).get("spiculation", 1)) >= SPICULATED_RATING
 
 

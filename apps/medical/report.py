@@ -8,7 +8,8 @@ Schema ``vigil.medical.report/1`` (:data:`REPORT_JSON_SCHEMA` is the machine-rea
 - ``findings[]``: ``id``, ``center_mm`` (DICOM patient LPS), ``diameter_mm`` (Lung-RADS size:
   mean of long and short axis, 0.1 mm), ``type`` (solid | part-solid | ground-glass),
   ``solid_component_mm``, ``confidence`` (0..1), ``lobe``, ``lung_rads``, ``lung_rads_rule``,
-  ``differential[]``, ``calcified`` (dense core measured on the image) and ``core_hu``;
+  ``differential[]``, ``calcified`` (dense core measured on the image) and ``core_hu``,
+  ``spiculated`` and ``spiculation_probability`` (second-stage classifier; null without one);
 - ``lung_rads``: ``category``, ``rule``, ``management``, ``finding_id``;
 - ``follow_up``: ``guideline``, ``code``, ``recommendation``, ``rule``, ``interval_months``,
   ``finding_id``;
@@ -83,6 +84,8 @@ _FINDING = {
         "differential": {"type": "array", "items": {"type": "string"}},
         "calcified": {"type": "boolean"},
         "core_hu": {"type": ["number", "null"]},
+        "spiculated": {"type": "boolean"},
+        "spiculation_probability": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     },
 }
 REPORT_JSON_SCHEMA: dict[str, Any] = {
@@ -159,6 +162,8 @@ def _sentences(rep: StudyReport) -> list[dict[str, Any]]:
             if f.calcified
             else ""
         )
+        if f.spiculated and f.spiculation_probability is not None:
+            calc += f", spiculated (classifier {f.spiculation_probability:.2f})"
         say(
             "findings",
             f"{f.id}: {f.diameter_mm:.1f} mm {f.type} nodule{solid}{calc} in the "
@@ -223,6 +228,8 @@ def report_dict(rep: StudyReport, deid: Deidentifier | None = None) -> dict[str,
                 "differential": f.differential,
                 "calcified": f.calcified,
                 "core_hu": f.core_hu,
+                "spiculated": f.spiculated,
+                "spiculation_probability": f.spiculation_probability,
             }
             for f in rep.findings
         ],

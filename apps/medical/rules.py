@@ -10,8 +10,12 @@ published table; the row is returned with the result so each report sentence can
     solid component 6 to < 8 mm -> 4A; solid component >= 8 mm -> 4B.
   - ground-glass: < 30 mm -> 2; >= 30 mm -> 3.
   - benign calcification -> 1; no nodule -> 1.
+  - 4X: a category 3 or 4 nodule with an additional feature that increases the suspicion of
+    malignancy; here spiculation (the one such feature the image model measures,
+    :mod:`apps.medical.fpr`).
   Management: 1, 2 -> 12-month LDCT; 3 -> 6-month LDCT; 4A -> 3-month LDCT (PET/CT may be
-  considered if solid component >= 8 mm); 4B -> diagnostic chest CT, PET/CT and/or tissue sampling.
+  considered if solid component >= 8 mm); 4B and 4X -> diagnostic chest CT, PET/CT and/or tissue
+  sampling (4X: and/or referral for further clinical evaluation).
 * **Fleischner Society 2017** (incidental nodules, age >= 35, not screening, no known cancer or
   immunosuppression). Size = mean of long and short axes rounded to the nearest millimetre.
   Solid single: < 6 mm low risk no routine follow-up / high risk optional CT at 12 months;
@@ -35,6 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
+# LIDC spiculation rating (1 none ... 5 marked) from which a nodule counts as spiculated: 3 is
+# "medium spiculation" (the phantom draws spicules from there on)
+SPICULATED_RATING = 3
 LUNG_RADS_ORDER = ("0", "1", "2", "3", "4A", "4B", "4X")
 
 LUNG_RADS_MANAGEMENT: dict[str, str] = {
@@ -44,6 +51,8 @@ LUNG_RADS_MANAGEMENT: dict[str, str] = {
     "4A": "3-month LDCT; PET/CT may be considered if there is a solid component >= 8 mm.",
     "4B": "Diagnostic chest CT with or without contrast; PET/CT may be considered if there is a "
     "solid component >= 8 mm; tissue sampling as appropriate.",
+    "4X": "Diagnostic chest CT with or without contrast; PET/CT may be considered if there is a "
+    "solid component >= 8 mm; tissue sampling and/or referral for further clinical evaluation.",
 }
 
 
@@ -55,6 +64,7 @@ class Nodule:
     type: str = "solid"
     solid_component_mm: float | None = None
     calcified: bool = False
+    spiculated: bool = False  # a feature of suspicion: category 3/4 -> 4X
 
     def __post_init__(self) -> None:
         if self.type not in NODULE_TYPES:
@@ -149,6 +159,13 @@ def fleischner_size(mean_diameter_mm: float) -> int:
 # ------------------------------------------------------------------ Lung-RADS
 def lungrads_nodule(n: Nodule) -> tuple[str, str]:
     """(category, table row) of one nodule at baseline screening, Lung-RADS v2022."""
+    cat, row = _lungrads_by_size(n)
+    if n.spiculated and cat in ("3", "4A", "4B"):
+        return "4X", f"{row}; spiculated (additional feature of suspicion) -> 4X"
+    return cat, row
+
+
+def _lungrads_by_size(n: Nodule) -> tuple[str, str]:
     d = _round_half_up(n.mean_diameter_mm, 1)
     if n.calcified:
         return "1", "benign calcification pattern -> 1"

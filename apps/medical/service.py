@@ -66,6 +66,8 @@ class Finding:
     voxel: list[float]  # in the analysed volume (for key images)
     calcified: bool = False  # measured: dense (calcium) core, see CALCIFIED_HU
     core_hu: float | None = None  # the measurement behind ``calcified``
+    spiculated: bool = False  # second-stage classifier: p(spiculated) >= SPICULATION_THRESHOLD
+    spiculation_probability: float | None = None  # None: no second-stage classifier
 
 
 @dataclass
@@ -353,7 +355,7 @@ class MedicalService:
     def _rescore(self, found: list[dict[str, Any]], image: np.ndarray) -> list[dict[str, Any]]:
         """Second stage: classifier probabilities, the combined confidence (``threshold``
         applies to it), best first."""
-        from apps.medical.fpr import combine_scores
+        from apps.medical.fpr import SPICULATION_THRESHOLD, combine_scores
 
         assert self.fpr is not None
         if not found:
@@ -371,6 +373,7 @@ class MedicalService:
                         "detector_confidence": f["confidence"],
                         "nodule_probability": round(float(pn), 4),
                         "spiculation_probability": round(float(ps), 4),
+                        "spiculated": bool(ps >= SPICULATION_THRESHOLD),
                     }
                 )
         return sorted(out, key=lambda f: -f["confidence"])
@@ -439,6 +442,7 @@ class MedicalService:
                 f["type"],
                 f.get("solid_component_mm"),
                 bool(f.get("calcified", False)),
+                bool(f.get("spiculated", False)),
             )
             for f in raw
         ]
@@ -460,6 +464,8 @@ class MedicalService:
                     voxel=f.get("voxel", [0.0, 0.0, 0.0]),
                     calcified=n.calcified,
                     core_hu=f.get("core_hu"),
+                    spiculated=n.spiculated,
+                    spiculation_probability=f.get("spiculation_probability"),
                 )
             )
         return StudyReport(

@@ -191,3 +191,21 @@ def test_train_fpr_command(
     assert isinstance(bad.exception, UserError) and "not a phantom export" in str(bad.exception)
     flip = runner.invoke(app, [*args, "--flip", "up"])
     assert isinstance(flip.exception, UserError) and "--flip" in str(flip.exception)
+
+
+def test_a_spiculated_category_3_finding_is_reported_4x() -> None:
+    from apps.medical.report import report_dict, validate_report
+    from apps.medical.rules import Risk
+
+    svc = MedicalService(NoduleDetector(channels=(4, 8, 8), heads=2), use_encoder=False)
+    base = {"center_mm": [0.0, 0.0, 0.0], "diameter_mm": 7.0, "type": "solid", "confidence": 0.9}
+    spic = {**base, "spiculated": True, "spiculation_probability": 0.81}
+    plain = svc.report_from_findings([base], Risk(), study_key="ST-x")
+    rep = svc.report_from_findings([spic], Risk(), study_key="ST-x")
+    assert (plain.lung_rads.category, rep.lung_rads.category) == ("3", "4X")
+    d = report_dict(rep)
+    validate_report(d)
+    assert d["findings"][0]["spiculated"] is True
+    assert d["findings"][0]["spiculation_probability"] == 0.81
+    assert any("spiculated (classifier 0.81)" in s["text"] for s in d["sentences"])
+    assert report_dict(plain)["findings"][0]["spiculation_probability"] is None

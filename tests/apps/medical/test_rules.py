@@ -177,3 +177,36 @@ def test_nodule_validation() -> None:
         Nodule(5.0, "cavitary")
     with pytest.raises(ValueError, match="mean_diameter_mm"):
         Nodule(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("nodule", "cat"),
+    [
+        (Nodule(5.9, spiculated=True), "2"),  # category 2 stays 2: 4X upgrades 3 and 4 only
+        (Nodule(6.0, spiculated=True), "4X"),  # solid 3
+        (Nodule(7.9, spiculated=True), "4X"),
+        (Nodule(8.0, spiculated=True), "4X"),  # 4A
+        (Nodule(15.0, spiculated=True), "4X"),  # 4B
+        (Nodule(15.0), "4B"),
+        (Nodule(6.0, "part-solid", 5.9, spiculated=True), "4X"),  # part-solid 3
+        (Nodule(8.0, "part-solid", 6.0, spiculated=True), "4X"),  # part-solid 4A
+        (Nodule(5.9, "part-solid", 3.0, spiculated=True), "2"),
+        (Nodule(29.9, "ground-glass", spiculated=True), "2"),
+        (Nodule(30.0, "ground-glass", spiculated=True), "4X"),  # ground-glass 3
+        (Nodule(10.0, calcified=True, spiculated=True), "1"),  # benign calcification wins
+    ],
+)
+def test_lungrads_4x_is_spiculation_on_a_category_3_or_4_nodule(nodule: Nodule, cat: str) -> None:
+    got, row = rules.lungrads_nodule(nodule)
+    assert got == cat
+    if cat == "4X":
+        assert "spiculated" in row and "-> 4X" in row
+
+
+def test_lungrads_4x_drives_the_exam_and_its_management() -> None:
+    exam = rules.lungrads([Nodule(16.0), Nodule(6.5, spiculated=True)])
+    assert (exam.category, exam.nodule_index) == ("4X", 1)
+    assert "referral for further clinical evaluation" in exam.management
+    screening = Risk(age=60, smoking_status="current", pack_years=40, indication="screening")
+    fu = rules.fleischner([Nodule(6.5, spiculated=True)], screening)
+    assert fu.code == "lr_4X" and fu.guideline == "Lung-RADS v2022"
