@@ -34,9 +34,14 @@ Conventions
 * **Empty windows.** count, sum, distinct, entropy and seen give 0.0; mean, std, var, min,
   max, last and last_gap give NaN; std/var use ``ddof=1`` (NaN for a single event).
   entropy is in nats; last_gap is ``t`` minus the time of the newest visible event.
+* **Shared spans.** Windows of one ``(by, field, delay)`` over several spans whose aggregates
+  are running sums (count, sum, mean, std, var, last, last_gap) keep each item once per key,
+  with a window start and sums per span (``core.streaming.multispan``); the features are
+  bit for bit those of one group per span (``merge_spans=False``).
 * **Snapshots.** ``snapshot(keys=...)`` serialises the state of all keys or of a key range
   (e.g. one Kafka partition) to versioned, checksummed bytes; ``restore`` reproduces it bit
-  for bit, so a restored pipeline continues exactly like an uninterrupted one.
+  for bit, so a restored pipeline continues exactly like an uninterrupted one. Version-1
+  snapshots (one group per span) still restore.
 """
 
 from core.streaming.pipeline import FeaturePipeline, to_seconds

@@ -11,13 +11,16 @@ from collections import deque
 from collections.abc import Callable, Collection, Hashable, Iterable
 from typing import Any
 
+from core.streaming.multispan import MOMENT_AGGS, MultiSpanGroup
 from core.streaming.spec import Span, Window, parse_span
 from core.streaming.window import KeyState, LateEventError, WindowGroup
 
 __all__ = ["FeaturePipeline", "LateEventError"]
 
 SNAPSHOT_MAGIC = b"VGLWIN"
-SNAPSHOT_VERSION = 1
+#: 2: spans of one ``(by, field, delay)`` share a multi-span group; version 1 snapshots (one
+#: group per span) are still read and merged on restore
+SNAPSHOT_VERSION = 2
 _HEADER = len(SNAPSHOT_MAGIC) + 1 + 32  # magic, version byte, sha256 of the payload
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ON_LATE = ("raise", "nan")
@@ -64,6 +67,10 @@ class FeaturePipeline:
             arrive and be aggregated exactly; later ones are counted (``stats()``) and dropped.
         on_late: for a *query* later than that: ``"raise"`` a :class:`LateEventError` (default;
             ``process_one`` then learns nothing) or return ``"nan"`` for that window's features.
+        merge_spans: windows of one ``(by, field, delay)`` over several spans, whose aggregates
+            are running sums (count, sum, mean, std, var, last, last_gap), share one deque of
+            items per key (:class:`~core.streaming.multispan.MultiSpanGroup`): the same features
+            bit for bit, each item stored and validated once. ``False``: one group per span.
 
     >>> pipe = FeaturePipeline([Window("amount", by="card", agg="mean", span="1h"),
     ...                         Window("amount", by="card", agg="count", span="1h", name="n")])
@@ -81,6 +88,7 @@ class FeaturePipeline:
         time_field: str = "ts",
         allowed_lateness: Span = 0.0,
         on_late: str = "raise",
+        merge_spans: bool = True,
     ) -> None:
         specs = list(specs)
         if not specs:
@@ -100,13 +108,8 @@ class FeaturePipeline:
         self.time_field = time_field
         self.allowed_lateness = parse_span(allowed_lateness, "allowed_lateness")
         self.on_late = on_late
-        outputs: dict[tuple[str, str, float, float], list[tuple[str, str]]] = {}
-        for s in specs:
-            outputs.setdefault(s.group, []).append((s.name, s.agg))
-        self._groups = [
-            WindowGroup(by, field, span, delay, self.allowed_lateness, outs, on_late == "raise")
-            for (by, field, span, delay), outs in outputs.items()
-        ]
+        self.merge_spans = merge_spans
+        self._groups = _make_groups(specs, self.allowed_lateness, on_late == "raise", merge_spans)
         self._template: dict[str, float] = dict.fromkeys(names, math.nan)
         self._single = self._groups[0] if len(self._groups) == 1 else None
         self.watermark = -math.inf  # newest event time seen
@@ -257,7 +260,9 @@ class FeaturePipeline:
             keep = wanted.__contains__
         groups = []
         for g in self._groups:
-            states = [[_plain(k, "key"), _dump_state(st)] for k, st in g.states.items() if keep(k)]
+            states = [
+                [_plain(k, "key"), _dump_state(st, g)] for k, st in g.states.items() if keep(k)
+            ]
             groups.append(
                 {
                     "floor": g.floor,
@@ -294,9 +299,9 @@ class FeaturePipeline:
         if len(blob) < _HEADER or not blob.startswith(SNAPSHOT_MAGIC):
             raise ValueError("not a Vigil window snapshot (bad magic bytes)")
         version = blob[len(SNAPSHOT_MAGIC)]
-        if version != SNAPSHOT_VERSION:
+        if version not in (1, SNAPSHOT_VERSION):
             raise ValueError(
-                f"unsupported window snapshot version {version} (this build reads "
+                f"unsupported window snapshot version {version} (this build reads 1 to "
                 f"{SNAPSHOT_VERSION})"
             )
         digest, body = blob[len(SNAPSHOT_MAGIC) + 1 : _HEADER], blob[_HEADER:]
@@ -308,6 +313,8 @@ class FeaturePipeline:
             raise ValueError(f"window snapshot payload is unreadable: {e}") from None
         if not isinstance(payload, dict) or "signature" not in payload:
             raise ValueError("window snapshot payload is malformed")
+        if version == 1:
+            payload = self._from_v1(payload)
         if payload["signature"] != json.loads(json.dumps(self._signature())):
             raise ValueError(
                 "window snapshot was taken with different window specs or allowed_lateness: "
@@ -339,6 +346,83 @@ class FeaturePipeline:
             self.n_learned += counters[1]
         self.watermark = max(self.watermark, watermark)
 
+    def _from_v1(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A version-1 payload (one group per span) in this pipeline's layout: the span groups
+        of each multi-span group merge per key (the longest span's items, each span's window
+        start shifted onto them). Unchanged when it does not fit these specs (refused next)."""
+        legacy = _make_groups(list(self.specs), self.allowed_lateness, True, merge_spans=False)
+        if payload["signature"] != json.loads(json.dumps([g.signature for g in legacy])):
+            return payload
+        if not any(isinstance(g, MultiSpanGroup) for g in self._groups):
+            return payload  # the same layout
+        try:
+            old = payload["groups"]
+            where = {(g.by, g.field, g.span, g.delay): i for i, g in enumerate(legacy)}
+            groups = []
+            for g in self._groups:
+                if isinstance(g, MultiSpanGroup):
+                    parts = [old[where[(g.by, g.field, s[0], g.delay)]] for s in g.spans]
+                    groups.append(_merge_v1_groups(parts))
+                else:
+                    groups.append(old[where[(g.by, g.field, g.span, g.delay)]])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"window snapshot payload is malformed: {e!r}") from None
+        return {**payload, "signature": json.loads(json.dumps(self._signature())), "groups": groups}
+
+
+def _make_groups(
+    specs: list[Window], lateness: float, raise_late: bool, merge_spans: bool
+) -> list[WindowGroup]:
+    """One group per ``(by, field, span, delay)``; with ``merge_spans``, the spans of one
+    ``(by, field, delay)`` whose aggregates are all running sums share a multi-span group
+    (placed where its first span's group would be)."""
+    outputs: dict[tuple[str, str, float, float], list[tuple[str, str]]] = {}
+    for s in specs:
+        outputs.setdefault(s.group, []).append((s.name, s.agg))
+    family: dict[tuple[str, str, float], list[tuple[float, list[tuple[str, str]]]]] = {}
+    if merge_spans:
+        for (by, field, span, delay), outs in outputs.items():
+            if {agg for _, agg in outs} <= MOMENT_AGGS:
+                family.setdefault((by, field, delay), []).append((span, outs))
+    groups: list[WindowGroup] = []
+    for (by, field, span, delay), outs in outputs.items():
+        spans = family.get((by, field, delay), [])
+        if len(spans) < 2 or all(span != s for s, _ in spans):
+            groups.append(WindowGroup(by, field, span, delay, lateness, outs, raise_late))
+        elif span == spans[0][0]:  # the family's first group: the merged one goes here
+            groups.append(MultiSpanGroup(by, field, spans, delay, lateness, raise_late))
+    return groups
+
+
+def _merge_v1_groups(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Version-1 groups of one ``(by, field, delay)``, shortest span first, as one multi-span
+    group. Each span's items are a suffix of the longest span's (it retains the most); a key
+    missing from a span's group was dropped by ``expire`` there: an empty window."""
+    maps = [dict((k, s) for k, s in gp["states"]) for gp in parts]
+    keys = dict.fromkeys(k for m in reversed(maps) for k in m)
+    states = []
+    for k in keys:
+        base = max((m[k] for m in maps if k in m), key=lambda s: len(s[0]))
+        items, b, f = base[0], base[2], base[3]
+        sa, sm = [], []
+        for m in maps:
+            s = m.get(k)
+            if s is None:
+                sa.append(b)
+                sm.append([0.0] * 7)
+                continue
+            off = len(items) - len(s[0])
+            if s[0] != items[off:] or s[2] + off != b:
+                raise ValueError(f"the span windows of key {k!r} disagree")
+            sa.append(s[1] + off)
+            sm.append(s[4])
+        states.append([k, [items, sa, b, f, sm]])
+    return {
+        "floor": max(float(gp["floor"]) for gp in parts),
+        "late": parts[-1]["late"],
+        "states": states,
+    }
+
 
 _PLAIN = (str, int, float, bool)
 
@@ -360,16 +444,20 @@ def _json_default(obj: Any) -> Any:
     raise ValueError(f"{type(obj).__name__} {obj!r} is not a str, int, float or bool")
 
 
-def _dump_state(st: KeyState) -> list[Any]:
+def _dump_items(dq: deque[tuple[float, Any]]) -> list[Any]:
+    if all(v.__class__ in _PLAIN for _, v in dq):  # the common case: (t, v) tuples as they are
+        return list(dq)  # json writes a tuple as the same array as a list
+    # numpy scalars are unwrapped, anything else is refused
+    return [[ts, v if v.__class__ is float else _plain(v, "value")] for ts, v in dq]
+
+
+def _dump_state(st: KeyState, g: WindowGroup) -> list[Any]:
+    if isinstance(g, MultiSpanGroup):
+        return [_dump_items(st.dq), *g.dump_state(st)[1:]]  # type: ignore[arg-type]
     # min/max deques hold items of dq: store their positions so identities survive restore
     pos = {id(it): i for i, it in enumerate(st.dq)} if (st.mx or st.mn) else {}
-    dq = st.dq
-    if all(v.__class__ in _PLAIN for _, v in dq):  # the common case: (t, v) tuples as they are
-        items: list[Any] = list(dq)  # json writes a tuple as the same array as a list
-    else:  # numpy scalars are unwrapped, anything else is refused
-        items = [[ts, v if v.__class__ is float else _plain(v, "value")] for ts, v in dq]
     return [
-        items,
+        _dump_items(st.dq),
         st.a,
         st.b,
         st.f,
@@ -387,13 +475,17 @@ def _hashable(k: Any) -> Any:
 
 
 def _load_state(s: list[Any], g: WindowGroup) -> KeyState:
-    dq_items, a, b, f, m, mx, mn, counts, ent = s
-    st = KeyState(g.floor, g.want_min, g.want_max, g.cat)
-    items = [(float(ts), v) for ts, v in dq_items]
-    if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= len(items)):
-        raise ValueError("window bounds out of range")
+    items = [(float(ts), v) for ts, v in s[0]]
     if any(items[i][0] > items[i + 1][0] for i in range(len(items) - 1)):
         raise ValueError("window items out of order")
+    if isinstance(g, MultiSpanGroup):
+        if len(s) != 5:
+            raise ValueError("key state does not match a multi-span window group")
+        return g.load_state(s, items)
+    _, a, b, f, m, mx, mn, counts, ent = s
+    st = KeyState(g.floor, g.want_min, g.want_max, g.cat)
+    if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= len(items)):
+        raise ValueError("window bounds out of range")
     st.dq = deque(items)
     st.a, st.b, st.f = a, b, float(f)
     s0, c0, K, s1, c1, s2, c2 = (float(v) for v in m)
