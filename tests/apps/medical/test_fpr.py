@@ -101,11 +101,18 @@ def test_classifier_learns_nodule_vs_vessel_and_the_weight_is_chosen() -> None:
     cfg = FprConfig(steps=60, batch_size=16, patch=8, channels=(4, 8, 8), lr=5e-3)
     clf, hist = train_classifier(train, cfg)
     assert np.mean([h["nodule"] for h in hist[-10:]]) < np.mean([h["nodule"] for h in hist[:10]])
-    p = np.concatenate([clf.score(c.image, c.cand_voxel)[0] for c in held])
-    labels = np.concatenate([c.cand_label for c in held])
     from sklearn.metrics import roc_auc_score
 
-    assert roc_auc_score(labels, p) >= 0.9  # unseen spheres above unseen tubes (chance: 0.5)
+    labels = np.concatenate([c.cand_label for c in held])
+    parts = [clf.score_parts(c.image, c.cand_voxel) for c in held]
+    cnn = np.concatenate([q[0] for q in parts])
+    shape = np.concatenate([q[1] for q in parts if q[1] is not None])
+    p = np.concatenate([clf.score(c.image, c.cand_voxel)[0] for c in held])
+    np.testing.assert_allclose(p, (cnn + shape) / 2)  # the two classifiers' mean
+    # unseen spheres above unseen tubes (chance: 0.5), by each classifier and their mean
+    assert roc_auc_score(labels, cnn) >= 0.9
+    assert roc_auc_score(labels, shape) >= 0.9
+    assert roc_auc_score(labels, p) >= 0.9
     # the detector cannot tell them apart (same confidence): the classifier must get weight
     weight, rows = choose_weight(held, clf, weights=(0.0, 0.5, 1.0))
     assert weight > 0.0
@@ -183,6 +190,7 @@ def test_train_fpr_command(
     assert res.exit_code == 0, res.output
     svc = MedicalService.load(out, use_encoder=False)
     assert svc.fpr is not None and svc.fpr.weight in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert svc.fpr.shape_model is not None  # the tree model travels in the same file
     assert '"val_sensitivity_at_1fp"' in res.output
     # bad input: a clear message (UserError: the CLI prints it, no traceback)
     bad = runner.invoke(
