@@ -47,6 +47,15 @@ MOMENT_AGGS = frozenset({"count", "sum", "mean", "std", "var", "last", "last_gap
 _sqrt = math.sqrt
 
 
+def _reanchor(dq: Any, a: int, b: int, m: Moments) -> Moments:
+    """:meth:`WindowGroup._reanchor` for the window ``dq[a:b]`` with sums ``m``."""
+    vals = [v for _, v in islice(dq, a, b)]
+    mean = math.fsum(vals) / len(vals)
+    K = min(vals, key=lambda v: abs(v - mean))
+    d = [v - K for v in vals]
+    return (m[0], m[1], K, math.fsum(d), 0.0, math.fsum([e * e for e in d]), 0.0)
+
+
 class MultiKeyState(KeyState):
     """One key's items (``dq``, shared ``b`` and ``f``) and, per span, ``sa[i]`` and ``sm[i]``:
     the window start and the running sums (the inherited ``a`` and ``m`` are unused)."""
@@ -100,7 +109,13 @@ class MultiSpanGroup(WindowGroup):
                     sorted(aggs),
                 )
             )
-        self._sums = [(span, m1, m2) for span, m1, m2, _, _ in self.spans]
+        # per span: what the emit loop needs, and its features over an empty window
+        empty = {COUNT: 0.0, SUM: 0.0}
+        self._emit = [
+            (span, m1, m2, outs, {name: empty.get(code, NAN) for name, code in outs})
+            for span, m1, m2, outs, _ in self.spans
+        ]
+        self._empty = {k: v for *_, e in self._emit for k, v in e.items()}
 
     @property
     def signature(self) -> list[Any]:
@@ -124,25 +139,48 @@ class MultiSpanGroup(WindowGroup):
         ready = self.prepare(event, t)
         if ready is None:
             return
-        key, st, x = ready
-        st = st if st is not None else self.state(key)
+        key, _, x = ready
+        st = self.state(key)
         self.query(st, x, t, out)
         if x is not None:
             self.insert(st, (t, x))
 
     # ------------------------------------------------------------------ hot path
+    def query(self, st: MultiKeyState, x: Any, t: float, out: dict[str, float]) -> None:  # type: ignore[override]
+        """Write every span's features at time ``t`` into ``out`` (late queries: see
+        :meth:`WindowGroup.query`)."""
+        u = t - self.delay
+        if u >= st.f:
+            if st.dq:
+                self.slide(st, u, t, out)
+            else:
+                out.update(self._empty)
+            st.f = u
+        else:
+            WindowGroup.query(self, st, x, t, out)
+
     def advance(self, st: MultiKeyState, u: float) -> None:  # type: ignore[override]
-        """Move every span's window of ``st`` to ``[u - span, u)`` (``u >= st.f``); the same
-        arithmetic per span as :meth:`WindowGroup.advance` (see there)."""
+        """Move every span's window of ``st`` to ``[u - span, u)`` (``u >= st.f``)."""
+        self.slide(st, u, 0.0, None)
+
+    def emit(self, st: MultiKeyState, t: float, x: Any, out: dict[str, float]) -> None:  # type: ignore[override]
+        """Write the features of the current windows of ``st`` into ``out``."""
+        self.slide(st, st.f, t, out)
+
+    def slide(self, st: MultiKeyState, u: float, t: float, out: dict[str, float] | None) -> None:
+        """Advance every span's window to ``[u - span, u)`` (``u >= st.f``) and, with ``out``,
+        write its features at query time ``t``: per span the arithmetic of
+        :meth:`WindowGroup.advance` then :meth:`WindowGroup.emit`, in one pass over the spans."""
         dq = st.dq
         b0 = st.b
         nd = len(dq)
         b = b0  # pending items that become visible: the same for every span
         while b < nd and dq[b][0] < u:
             b += 1
+        newest = dq[b - 1] if b else None
         sa = st.sa
         sm = st.sm
-        for i, (span, m1, m2) in enumerate(self._sums):
+        for i, (span, m1, m2, outputs, empty) in enumerate(self._emit):
             a = sa[i]
             lo = u - span
             s0, c0, K, s1, c1, s2, c2 = sm[i]
@@ -201,7 +239,44 @@ class MultiSpanGroup(WindowGroup):
                         s2 = s
                 sm[i] = (s0, c0, K, s1, c1, s2, c2)
             sa[i] = a
-        # 3. forget items too old even for a late query of the longest span
+            if out is None:
+                continue
+            # 3. this span's features (WindowGroup.emit's arithmetic)
+            n = b - a
+            if not n:
+                out.update(empty)
+                continue
+            var = NAN
+            total = s0 + c0
+            mean = total / n
+            if m2 and n > 1:
+                S1 = s1 + c1
+                S2 = s2 + c2
+                ss = S2 - S1 * S1 / n
+                if ss < _CANCEL * S2:
+                    # cancellation (or an exact constant window): re-anchor unless exact
+                    if S2 > 0.0:
+                        _, _, _, s1, c1, s2, c2 = sm[i] = _reanchor(dq, a, b, sm[i])
+                        S1 = s1 + c1
+                        ss = (s2 + c2) - S1 * S1 / n
+                    ss = ss if ss > 0.0 else 0.0
+                var = ss / (n - 1)
+            for name, code in outputs:
+                if code == COUNT:
+                    out[name] = float(n)
+                elif code == MEAN:
+                    out[name] = mean
+                elif code == SUM:
+                    out[name] = total
+                elif code == STD:
+                    out[name] = _sqrt(var) if var == var else NAN
+                elif code == VAR:
+                    out[name] = var
+                elif code == LAST_GAP:
+                    out[name] = t - newest[0]  # type: ignore[index]
+                else:  # LAST
+                    out[name] = newest[1]  # type: ignore[index]
+        # 4. forget items too old even for a late query of the longest span
         keep = u - self.span - self.lateness
         first = min(sa)
         popped = 0
@@ -213,56 +288,6 @@ class MultiSpanGroup(WindowGroup):
                 sa[i] -= popped
             b -= popped
         st.b = b
-
-    def emit(self, st: MultiKeyState, t: float, x: Any, out: dict[str, float]) -> None:  # type: ignore[override]
-        """Write every span's features of the current windows of ``st`` into ``out``."""
-        b = st.b
-        newest = st.dq[b - 1] if b else None
-        sa = st.sa
-        for i, (_, _, m2, outputs, _) in enumerate(self.spans):
-            n = b - sa[i]
-            mean = var = NAN
-            total = 0.0
-            if n:
-                s0, c0, _, s1, c1, s2, c2 = st.sm[i]
-                total = s0 + c0
-                mean = total / n
-                if m2 and n > 1:
-                    S1 = s1 + c1
-                    S2 = s2 + c2
-                    ss = S2 - S1 * S1 / n
-                    if ss < _CANCEL * S2:
-                        if S2 > 0.0:
-                            _, _, _, s1, c1, s2, c2 = self._reanchor_span(st, i)
-                            S1 = s1 + c1
-                            ss = (s2 + c2) - S1 * S1 / n
-                        ss = ss if ss > 0.0 else 0.0
-                    var = ss / (n - 1)
-            for name, code in outputs:
-                if code == COUNT:
-                    out[name] = float(n)
-                elif code == MEAN:
-                    out[name] = mean
-                elif code == STD:
-                    out[name] = _sqrt(var) if var == var else NAN
-                elif code == SUM:
-                    out[name] = total
-                elif code == VAR:
-                    out[name] = var
-                elif code == LAST_GAP:
-                    out[name] = t - newest[0] if n else NAN  # type: ignore[index]
-                else:  # LAST
-                    out[name] = newest[1] if n else NAN  # type: ignore[index]
-
-    def _reanchor_span(self, st: MultiKeyState, i: int) -> Moments:
-        """:meth:`WindowGroup._reanchor` for span ``i``."""
-        vals = [v for _, v in islice(st.dq, st.sa[i], st.b)]
-        mean = math.fsum(vals) / len(vals)
-        K = min(vals, key=lambda v: abs(v - mean))
-        d = [v - K for v in vals]
-        m = st.sm[i]
-        st.sm[i] = (m[0], m[1], K, math.fsum(d), 0.0, math.fsum([e * e for e in d]), 0.0)
-        return st.sm[i]
 
     def _insert_late(self, st: MultiKeyState, item: tuple[float, Any]) -> None:  # type: ignore[override]
         """An item older than an answered query, within the allowed lateness (rare path)."""
