@@ -301,7 +301,7 @@ def train_fpr(
         list[str] | None,
         typer.Option(help="TTA flips of the detector when mining candidates (as evaluate)."),
     ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 1200,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 1500,
     patch: Annotated[int, typer.Option(min=8, help="Fine patch edge in voxels (x4).")] = 16,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="Torch CPU threads.")] = None,

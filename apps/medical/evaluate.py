@@ -7,7 +7,8 @@
 * **Lung-RADS accuracy**: exam category from the report vs the rules applied to the truth.
 * **Follow-up accuracy** with and without text (ablation): the Fleischner/Lung-RADS code from the
   report vs the rules applied to truth nodules and truth risk.
-* **Field accuracy** on matched findings: type, lobe, size error.
+* **Field accuracy** on matched findings: type, lobe, size error; with a second-stage classifier
+  (:mod:`apps.medical.fpr`) also ``spiculated`` vs the LIDC rating (the Lung-RADS 4X feature).
 * **Seconds per study**: volume build + detector + text + rules (the analysis a batch job runs
   per study, without writing the report files), mean over the studies.
 * **Top-k picks** (token model, :mod:`apps.medical.tokens`): share of the sparse encoder's
@@ -87,6 +88,11 @@ def froc(
     }
 
 
+def truth_spiculated(nodule: dict[str, Any]) -> bool:
+    """A truth nodule counts as spiculated from LIDC rating ``rules.SPICULATED_RATING`` on."""
+    return int((nodule.get("lidc") or {}).get("spiculation", 1)) >= rules.SPICULATED_RATING
+
+
 def truth_nodules(truth: dict[str, Any]) -> list[rules.Nodule]:
     """The truth's nodules for the rules; spiculated: LIDC rating >= ``SPICULATED_RATING``."""
     return [
@@ -95,7 +101,7 @@ def truth_nodules(truth: dict[str, Any]) -> list[rules.Nodule]:
             n["type"],
             n.get("solid_component_mm"),
             bool(n.get("calcified")),
-            int((n.get("lidc") or {}).get("spiculation", 1)) >= rules.SPICULATED_RATING,
+            truth_spiculated(n),
         )
         for n in truth.get("nodules", [])
     ]
@@ -205,6 +211,7 @@ def evaluate_export(
             progress(n, len(studies))
     fr = froc(scans, min_size_mm=min_size_mm, min_hit_mm=min_hit_mm)
     k = max(n_eval, 1)
+    scored = [(f, t) for f, t in matched if f.get("spiculation_probability") is not None]
     fields = {
         "matched_findings": len(matched),
         "type_accuracy": round(float(np.mean([f["type"] == t["type"] for f, t in matched])), 4)
@@ -217,6 +224,12 @@ def evaluate_export(
             float(np.mean([abs(f["diameter_mm"] - t["mean_diameter_mm"]) for f, t in matched])), 3
         )
         if matched
+        else None,
+        # second-stage classifier only: reported spiculated vs the LIDC rating (Lung-RADS 4X)
+        "spiculated_accuracy": round(
+            float(np.mean([bool(f.get("spiculated")) == truth_spiculated(t) for f, t in scored])), 4
+        )
+        if scored
         else None,
     }
     return {

@@ -273,13 +273,6 @@ def label_candidates(
     return labels
 
 
-def spiculated(nodule: dict[str, Any]) -> bool:
-    """Truth: LIDC spiculation rating >= :data:`apps.medical.rules.SPICULATED_RATING`."""
-    from apps.medical.rules import SPICULATED_RATING
-
-    return int((nodule.get("lidc") or {}).get("spiculation", 1)) >= SPICULATED_RATING
-
-
 def mine_candidates(
     data_dir: Path | str,
     service: Any,
@@ -288,6 +281,7 @@ def mine_candidates(
 ) -> list[CandidateCase]:
     """Run ``service``'s detector (with its TTA; no classifier) over every study of a phantom
     export with truth, at :data:`CANDIDATE_THRESHOLD`; cached per study in ``cache_dir``."""
+    from apps.medical.evaluate import truth_spiculated
     from apps.medical.model import preprocess
     from apps.medical.pacs import (
         load_study_volumes,
@@ -345,7 +339,7 @@ def mine_candidates(
                 cand_label=label_candidates(mm, truth),
                 truth=list(truth),
                 truth_voxel=tv,
-                truth_spiculated=np.array([spiculated(t) for t in truth], dtype=bool),
+                truth_spiculated=np.array([truth_spiculated(t) for t in truth], dtype=bool),
             )
         )
         if progress is not None:
@@ -356,13 +350,14 @@ def mine_candidates(
 # ------------------------------------------------------------------ training
 @dataclass(frozen=True)
 class FprConfig:
-    """Training recipe of :func:`train_classifier` (CPU: ~1-3 min at the defaults)."""
+    """Training recipe of :func:`train_classifier` (CPU: ~0.15 s a step on a quiet core, ~4 min
+    at the defaults)."""
 
-    steps: int = 1200
-    batch_size: int = 64
+    steps: int = 1500
+    batch_size: int = 48
     lr: float = 2e-3
     patch: int = 16
-    channels: tuple[int, int, int] = (16, 32, 64)
+    channels: tuple[int, int, int] = (8, 16, 32)  # 3x cheaper than 16/32/64 on the CPU
     positive_share: float = 0.4  # of each batch: nodule patches (truth- or detection-centred)
     jitter: int = 2  # voxels of random shift of a nodule patch's centre
     seed: int = 0
