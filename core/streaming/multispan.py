@@ -159,6 +159,26 @@ class MultiSpanGroup(WindowGroup):
         else:
             WindowGroup.query(self, st, x, t, out)
 
+    def step(self, st: MultiKeyState, x: Any, t: float, out: dict[str, float]) -> None:  # type: ignore[override]
+        """:meth:`query` then :meth:`insert` of ``x``, the common case inlined."""
+        u = t - self.delay
+        if u >= st.f:
+            dq = st.dq
+            if dq:
+                self.slide(st, u, t, out)
+            else:
+                out.update(self._empty)
+            st.f = u
+            if x is not None:
+                if not dq or dq[-1][0] <= t:
+                    dq.append((t, x))
+                else:
+                    self.insert(st, (t, x))
+            return
+        WindowGroup.query(self, st, x, t, out)
+        if x is not None:
+            self.insert(st, (t, x))
+
     def advance(self, st: MultiKeyState, u: float) -> None:  # type: ignore[override]
         """Move every span's window of ``st`` to ``[u - span, u)`` (``u >= st.f``)."""
         self.slide(st, u, 0.0, None)

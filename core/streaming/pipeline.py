@@ -12,8 +12,8 @@ from collections.abc import Callable, Collection, Hashable, Iterable
 from typing import Any
 
 from core.streaming.multispan import MOMENT_AGGS, MultiSpanGroup
-from core.streaming.spec import Span, Window, parse_span
-from core.streaming.window import KeyState, LateEventError, WindowGroup
+from core.streaming.spec import CATEGORICAL_AGGS, PRESENCE_AGGS, Span, Window, parse_span
+from core.streaming.window import CategoricalGroup, KeyState, LateEventError, WindowGroup
 
 __all__ = ["FeaturePipeline", "LateEventError"]
 
@@ -189,10 +189,7 @@ class FeaturePipeline:
             for g, r in zip(groups, ready, strict=True):
                 if r is not None:
                     key, st, x = r
-                    st = st if st is not None else g.state(key)
-                    g.query(st, x, t, out)
-                    if x is not None:
-                        g.insert(st, (t, x))
+                    g.step(st if st is not None else g.state(key), x, t, out)
         if t > self.watermark:
             self.watermark = t
         self.n_processed += 1
@@ -388,7 +385,13 @@ def _make_groups(
     for (by, field, span, delay), outs in outputs.items():
         spans = family.get((by, field, delay), [])
         if len(spans) < 2 or all(span != s for s, _ in spans):
-            groups.append(WindowGroup(by, field, span, delay, lateness, outs, raise_late))
+            aggs = {agg for _, agg in outs}
+            kind = (
+                CategoricalGroup
+                if aggs & CATEGORICAL_AGGS and aggs <= CATEGORICAL_AGGS | PRESENCE_AGGS
+                else WindowGroup
+            )
+            groups.append(kind(by, field, span, delay, lateness, outs, raise_late))
         elif span == spans[0][0]:  # the family's first group: the merged one goes here
             groups.append(MultiSpanGroup(by, field, spans, delay, lateness, raise_late))
     return groups

@@ -230,6 +230,26 @@ class WindowGroup:
             for name, _ in self.outputs:
                 out[name] = NAN
 
+    def step(self, st: KeyState, x: Any, t: float, out: dict[str, float]) -> None:
+        """:meth:`query` then :meth:`insert` of the value ``x`` (``None``: nothing to learn),
+        the common case inlined (an event newer than every answered query)."""
+        u = t - self.delay
+        if u >= st.f:
+            dq = st.dq
+            if dq:
+                self.advance(st, u)
+            st.f = u
+            self.emit(st, t, x, out)
+            if x is not None:
+                if not dq or dq[-1][0] <= t:
+                    dq.append((t, x))
+                else:
+                    self.insert(st, (t, x))
+            return
+        self.query(st, x, t, out)
+        if x is not None:
+            self.insert(st, (t, x))
+
     def process(self, event: dict[str, Any], t: float, out: dict[str, float]) -> None:
         """:meth:`prepare`, :meth:`query` and :meth:`insert` fused: the one-group hot path
         (the common case inlined: every call saved is ~4% of the per-event cost)."""
@@ -523,6 +543,74 @@ class WindowGroup:
 
     def items_held(self) -> int:
         return sum(len(st.dq) for st in self.states.values())
+
+
+class CategoricalGroup(WindowGroup):
+    """A :class:`WindowGroup` whose aggregates are all categorical or presence ones (distinct,
+    entropy, seen, count, last_gap): :meth:`advance` and :meth:`emit` without the numeric
+    branches (the same operations on the value counts, so the same bits)."""
+
+    def advance(self, st: KeyState, u: float) -> None:
+        dq = st.dq
+        a = st.a
+        b = st.b
+        nd = len(dq)
+        lo = u - self.span
+        counts: dict[Any, int] = st.counts  # type: ignore[assignment]
+        want_ent = self.want_ent
+        ent = st.ent
+        while a < b:  # 1. evict
+            it = dq[a]
+            if it[0] >= lo:
+                break
+            a += 1
+            x = it[1]
+            c = counts[x]
+            if c == 1:
+                del counts[x]
+            else:
+                counts[x] = c - 1
+                if want_ent:
+                    ent -= c * _log(c) - (c - 1) * _log(c - 1)
+        if a == b:  # empty window: restart exactly
+            while b < nd and dq[b][0] < lo:
+                b += 1
+            a = b
+            ent = 0.0
+            counts.clear()
+        while b < nd:  # 2. fold in
+            it = dq[b]
+            if it[0] >= u:
+                break
+            b += 1
+            x = it[1]
+            c = counts.get(x, 0)
+            counts[x] = c + 1
+            if want_ent and c:
+                ent += (c + 1) * _log(c + 1) - c * _log(c)
+        st.ent = ent
+        keep = lo - self.lateness  # 3. forget items too old even for a late query
+        while a and dq[0][0] < keep:
+            dq.popleft()
+            a -= 1
+            b -= 1
+        st.a = a
+        st.b = b
+
+    def emit(self, st: KeyState, t: float, x: Any, out: dict[str, float]) -> None:
+        n = st.b - st.a
+        counts: dict[Any, int] = st.counts  # type: ignore[assignment]
+        for name, code in self.outputs:
+            if code == SEEN:
+                out[name] = NAN if x is None else (1.0 if x in counts else 0.0)
+            elif code == ENTROPY:
+                out[name] = _log(n) - st.ent / n if n else 0.0
+            elif code == DISTINCT:
+                out[name] = float(len(counts))
+            elif code == COUNT:
+                out[name] = float(n)
+            else:  # LAST_GAP
+                out[name] = t - st.dq[st.b - 1][0] if n else NAN
 
 
 def exact_features(

@@ -1,5 +1,6 @@
-"""Multi-span groups: the same features bit for bit as one group per span, items held once,
-version-1 snapshots (one group per span) restore into them."""
+"""Specialised window groups give the generic ones' features bit for bit: multi-span groups
+(one group per span; items held once; version-1 snapshots restore into them) and
+categorical groups."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from core.streaming import FeaturePipeline, Window
 from core.streaming.multispan import MultiSpanGroup
 from core.streaming.pipeline import SNAPSHOT_MAGIC
-from core.streaming.window import WindowGroup
+from core.streaming.window import CODES, CategoricalGroup, WindowGroup
 from tests.core.streaming._reference import brute_force, close
 
 V1_SNAPSHOT = Path(__file__).parent / "data" / "window_snapshot_v1.bin"
@@ -210,9 +211,10 @@ def test_only_running_sum_families_of_two_spans_or_more_merge() -> None:
         "MultiSpanGroup",
         "WindowGroup",
         "WindowGroup",
-        "WindowGroup",
+        "CategoricalGroup",
     ]
-    assert all(type(g) is WindowGroup for g in FeaturePipeline(specs, merge_spans=False)._groups)
+    unmerged = FeaturePipeline(specs, merge_spans=False)._groups
+    assert [type(g) for g in unmerged] == [WindowGroup] * 4 + [CategoricalGroup]
     with pytest.raises(ValueError, match="two distinct spans"):
         MultiSpanGroup("k", "v", [(60.0, [("n", "count")])], 0.0, 0.0)
     with pytest.raises(ValueError, match="cannot share"):
@@ -317,3 +319,49 @@ def test_unknown_snapshot_version_is_refused_with_a_clear_error() -> None:
     with pytest.raises(ValueError, match="different window specs"):
         other.restore(as_version_1(FeaturePipeline(FIXTURE_SPECS, merge_spans=False).snapshot()))
     assert math.isnan(other.transform_one({"ts": 0.0, "k": 1})["k.v.mean.10s"])
+
+
+# ---------------------------------------------------------------------- categorical groups
+def as_plain_groups(pipe: FeaturePipeline) -> FeaturePipeline:
+    """``pipe`` with every single-span group rebuilt as a generic :class:`WindowGroup`."""
+    agg_of = {code: agg for agg, code in CODES.items()}
+    pipe._groups = [
+        g
+        if isinstance(g, MultiSpanGroup)
+        else WindowGroup(
+            g.by,
+            g.field,
+            g.span,
+            g.delay,
+            g.lateness,
+            [(name, agg_of[code]) for name, code in g.outputs],
+            g.raise_late,
+        )
+        for g in pipe._groups
+    ]
+    pipe._single = pipe._groups[0] if len(pipe._groups) == 1 else None
+    return pipe
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from(["count", "distinct", "entropy", "seen", "last_gap"]), min_size=1),
+    dense_rows,
+    st.sampled_from([0.0, 6.0]),
+    st.sampled_from([0.0, 7.0]),
+)
+def test_categorical_groups_equal_the_generic_group_bit_for_bit(aggs, rows, lateness, delay):
+    specs = [
+        Window("c", by="k", agg=a, span=25.0, delay=delay, name=f"c.{a}")
+        for a in dict.fromkeys([*aggs, "seen"])  # at least one categorical aggregate
+    ]
+    fast = FeaturePipeline(specs, allowed_lateness=lateness, on_late="nan")
+    assert all(type(g) is CategoricalGroup for g in fast._groups)
+    plain = as_plain_groups(FeaturePipeline(specs, allowed_lateness=lateness, on_late="nan"))
+    events = events_from(rows, lateness)
+    for e in events:  # categories from the values: few distinct ones, repeats
+        if "v" in e:
+            e["c"] = int(e["v"]) % 4
+    for a, b in zip(feed(fast, events), feed(plain, events), strict=True):
+        assert same(a, b), (a, b)
+    assert fast.snapshot() == plain.snapshot()
