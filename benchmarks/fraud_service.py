@@ -20,6 +20,9 @@ One run, one broker, the same input for both sides:
   into input hop (producer → broker → service poll), wait + scoring (the label-watermark wait
   is here: a transaction is scored once its partition's label feed has passed its time), output
   acknowledgement and output hop (→ downstream poll); it also counts GC pauses while serving.
+  The publisher times each transaction's send → broker acknowledgement (``publish_ack``: the
+  upstream share of the input hop) and this process records its own GC pauses (``reader_gc``:
+  they would stop the downstream reader).
   Its floor (``passthrough_latency``) is the same harness around the best simple consume →
   produce: one consumer on ``transactions`` alone (the service reads ``labels`` on a second
   consumer; the throughput passthrough above reads both topics, as the service must).
@@ -272,11 +275,13 @@ def _latency(
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-                sent, seconds = pool.submit(
+                sent, seconds, publish_ack = pool.submit(
                     _publish_paced, rows, bootstrap, rate, tx_topic, label_topic
                 ).result()
         else:
-            sent, seconds = _publish_paced(rows, bootstrap, rate, tx_topic, label_topic)
+            sent, seconds, publish_ack = _publish_paced(
+                rows, bootstrap, rate, tx_topic, label_topic
+            )
         achieved = sent / seconds
         deadline = time.monotonic() + 30
         while len(got) - len(warmed) < sent and time.monotonic() < deadline:
@@ -301,6 +306,8 @@ def _latency(
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
         "max_ms": round(float(ms.max()), 2),
+        # upstream share of the input hop: the publisher's send() → the broker's ack
+        "publish_ack": publish_ack,
         "reader_gc": {
             "count": len(reader_gc),
             "max_ms": round(max(reader_gc, default=0.0), 1),
@@ -312,23 +319,52 @@ def _latency(
     return out
 
 
+class _AckTimed:
+    """A producer whose ``tx_topic`` sends record send() → broker acknowledgement (seconds)."""
+
+    def __init__(self, producer: Any, tx_topic: str) -> None:
+        self.producer, self.tx_topic = producer, tx_topic
+        self.acks: list[float] = []
+
+    def send(self, topic: str, **kwargs: Any) -> Any:
+        future = self.producer.send(topic, **kwargs)
+        if topic == self.tx_topic:
+            t0 = time.time()
+            future.add_callback(lambda _md: self.acks.append(time.time() - t0))
+        return future
+
+    def partitions_for(self, topic: str) -> Any:
+        return self.producer.partitions_for(topic)
+
+    def flush(self) -> None:
+        self.producer.flush()
+
+
 def _publish_paced(
     rows: list[dict[str, Any]], bootstrap: str, rate: float, tx_topic: str, label_topic: str
-) -> tuple[int, float]:
+) -> tuple[int, float, dict[str, float]]:
     """Publish ``rows`` at ``rate`` tx/s with their labels a day later and label watermarks
-    every ``WATERMARK_MS``; returns (transactions sent, seconds it took)."""
+    every ``WATERMARK_MS``; returns (transactions sent, seconds it took, percentiles of the
+    transactions' send → broker acknowledgement: the upstream share of the input hop)."""
     from apps.finance.stream.producer import interleave, publish
+    from core.broker import make_producer
 
+    producer = _AckTimed(make_producer(bootstrap), tx_topic)
     t0 = time.monotonic()
-    sent = publish(
-        interleave(rows, 86_400.0),
-        bootstrap,
-        rate=rate,
-        transactions=tx_topic,
-        labels=label_topic,
-        watermark_s=WATERMARK_MS / 1000.0,
-    )["transactions"]
-    return sent, time.monotonic() - t0
+    try:
+        sent = publish(
+            interleave(rows, 86_400.0),
+            bootstrap,
+            rate=rate,
+            transactions=tx_topic,
+            labels=label_topic,
+            watermark_s=WATERMARK_MS / 1000.0,
+            producer=producer,
+        )["transactions"]
+        seconds = time.monotonic() - t0
+    finally:
+        producer.producer.close()
+    return sent, seconds, _pcts(producer.acks)
 
 
 def _pcts(values: list[float]) -> dict[str, float]:

@@ -30,6 +30,9 @@ def test_quick_bench_reports_both_sides_and_targets() -> None:
     assert lat["label_wait_timeouts"] == 0  # every transaction waited for its watermark
     # every received output is split into the four stages, on one clock
     for phase in (lat, floor):
+        ack = phase["publish_ack"]  # the publisher's send → broker ack, upstream of the hop
+        assert set(ack) == {"p50_ms", "p90_ms", "p99_ms"} and 0 < ack["p50_ms"] <= ack["p99_ms"]
+        assert phase["reader_gc"]["count"] >= 0 and phase["reader_gc"]["max_ms"] >= 0
         assert phase["stamped"] == phase["received"]
         assert set(phase["stages"]) == {"input_hop", "wait_and_score", "output_ack", "output_hop"}
         assert all(st["p50_ms"] <= st["p99_ms"] for st in phase["stages"].values())
