@@ -11,6 +11,7 @@ import pytest
 
 from apps.finance.features import FeatureConfig, FraudFeatures
 from apps.finance.simulator import records
+from core.streaming import FeaturePipeline
 
 DAY = 86400.0
 DELAY = 7 * DAY
@@ -207,3 +208,31 @@ def test_expiring_idle_cards_changes_no_feature(tiny_world: pd.DataFrame) -> Non
     assert expired.cards_expired > 0
     held = lambda ff: ff.pipeline.stats()["keys_held"]  # noqa: E731
     assert held(expired) < held(kept)
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_shared_span_windows_give_the_same_features_bit_for_bit(
+    tiny_world: pd.DataFrame, short: bool
+) -> None:
+    """The card-amount spans and the terminal label spans share multi-span groups (items
+    held once): every feature equals that of one window group per span, to the bit, card
+    expiry (short windows, cards quiet for days) and late labels included."""
+    df, cfg = tiny_world, FeatureConfig(expire_every="6h")
+    if short:
+        day = tiny_world["ts"] / DAY
+        quiet = (tiny_world["card_id"] % 2 == 0) & (day > 8) & (day < 20)
+        df = tiny_world[~quiet].reset_index(drop=True)
+        cfg = FeatureConfig(
+            card_spans=("1d",), profile_span="2d", terminal_spans=("1d", "7d"), expire_every="6h"
+        )
+    merged, per_span = FraudFeatures(cfg), FraudFeatures(cfg)
+    pipe = per_span.pipeline
+    assert pipe is not None and merged.pipeline is not None
+    per_span.pipeline = FeaturePipeline(
+        pipe.specs, pipe.time_field, pipe.allowed_lateness, merge_spans=False
+    )
+    assert len(merged.pipeline._groups) == 4 < len(per_span.pipeline._groups)
+    a, b = _replay_features(df, merged), _replay_features(df, per_span)
+    assert list(a.columns) == list(b.columns)
+    assert a.to_numpy().tobytes() == b.to_numpy().tobytes()
+    assert (merged.cards_expired > 0) == short
