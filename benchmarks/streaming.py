@@ -19,6 +19,11 @@ up and turns over (separate, untimed pass).
 
 Window semantics differ slightly (river: ``(t_prev - period, t_prev]`` as of its last update;
 Vigil: ``[t - period, t)``), the work per event is the same.
+
+``multi_span``: count and mean of the card's amounts over 1, 4, 12 and 24 periods (std over
+the longest), as the fraud features use them: Vigil's multi-span group (each item held once,
+per-span window starts and sums) against one window group per span
+(``FeaturePipeline(merge_spans=False)``), the same features bit for bit, same stream, same run.
 """
 
 from __future__ import annotations
@@ -63,6 +68,42 @@ def _vigil() -> tuple[Any, Callable[[dict[str, Any]], Any]]:
         ]
     )
     return pipe, pipe.process_one
+
+
+MULTI_SPANS = (1, 4, 12, 24)  # in periods
+
+
+def _multi_span(merge: bool) -> Callable[[], tuple[Any, Callable[[dict[str, Any]], Any]]]:
+    def make() -> tuple[Any, Callable[[dict[str, Any]], Any]]:
+        from core.streaming import FeaturePipeline, Window
+
+        specs = []
+        for k in MULTI_SPANS:
+            for agg in ("count", "mean"):
+                specs.append(
+                    Window("amount", by="card_id", agg=agg, span=k * PERIOD_S, name=f"{agg}{k}")
+                )
+        specs.append(Window("amount", by="card_id", agg="std", span=MULTI_SPANS[-1] * PERIOD_S))
+        pipe = FeaturePipeline(specs, merge_spans=merge)
+        return pipe, pipe.process_one
+
+    return make
+
+
+def multi_span(keys: int, per_period: int, timed: int) -> dict[str, Any]:
+    """Events/s of the fraud-style card windows, merged vs one group per span."""
+    warm = keys * per_period * MULTI_SPANS[-1]
+    events = make_stream(keys, per_period, warm + timed)
+    merged, _ = _rate(_multi_span(True), events, warm, timed)
+    per_span, n = _rate(_multi_span(False), events, warm, timed)
+    return {
+        "keys": keys,
+        "events_per_key_in_longest_window": per_period * MULTI_SPANS[-1],
+        "events_timed": n,
+        "merged_eps": round(merged),
+        "one_group_per_span_eps": round(per_span),
+        "speedup": round(merged / per_span, 2),
+    }
 
 
 def _river() -> tuple[Any, Callable[[tuple[dict[str, Any], dt.datetime]], Any]]:
@@ -178,6 +219,7 @@ def _run(quick: bool) -> dict[str, Any]:
     # many keys (cache misses): 1000 cards at 100 events per window
     mk = (20, 1_000, 1_000) if quick else (1000, 100_000, 20_000)
     results["many_keys"] = throughput(mk[0], 100, mk[1], mk[2])
+    results["multi_span"] = multi_span(*((10, 5, 5_000) if quick else (200, 5, 100_000)))
     results["setup"] = {
         "features": "mean + std of amount per card over the last hour, before each event",
         "clock": "process CPU time, one thread; median over 1000-event chunks",

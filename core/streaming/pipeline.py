@@ -198,7 +198,8 @@ class FeaturePipeline:
     # ------------------------------------------------------------------ housekeeping
     def expire(self, now: Any, by: Collection[str] | None = None) -> int:
         """Declare that no event older than ``now`` will come: advance every key to ``now`` and
-        drop keys whose windows are empty. Returns the number dropped.
+        drop keys whose windows are empty. Returns the number of key states dropped (one per
+        window group; a multi-span group drops a key once all of its spans are empty).
 
         Pass ``now`` = newest event time − ``allowed_lateness`` for a stream still running.
         ``by``: only the windows keyed by these fields (e.g. the card windows, not the
@@ -213,7 +214,10 @@ class FeaturePipeline:
         return sum(g.expire(t) for g in self._groups if by is None or g.by in by)
 
     def stats(self) -> dict[str, Any]:
-        """Counters: events, keys and items held, late events accepted/dropped per window."""
+        """Counters: events, keys and items held, late events accepted/dropped per window.
+
+        Totals are summed over window groups: a multi-span group holds each item once and
+        counts a late event once for all of its spans."""
         per_group = {}
         for g in self._groups:
             per_group[id(g)] = {
