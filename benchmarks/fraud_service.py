@@ -234,8 +234,7 @@ def _latency(
     # (input partition, input offset) -> (received at, input producer timestamp)
     got: dict[tuple[int, int], tuple[float, float]] = {}
     stop = threading.Event()
-    # this process's GC pauses while timing: they would stop the reader thread (output hop;
-    # with the throughput phase's inputs still in memory: at most 0.8 ms, 26 pauses, load ~5)
+    # this process's GC pauses while timing: they stop the reader thread (output hop)
     reader_gc: list[float] = []
     gc_t0 = [0.0]
 
@@ -269,6 +268,13 @@ def _latency(
             )
         time.sleep(0.5)
         warmed = set(got)
+        # the downstream reader shares this process with the bench's garbage: the in-process
+        # throughput runs' services and their state. A full collection of it in the middle of
+        # the timing stopped the reader for 488 ms (full run, load 6: output hop p99 360 ms);
+        # a real downstream consumer is a process of its own, so collect now and freeze the
+        # survivors, as the service does at start-up
+        gc.collect()
+        gc.freeze()
         gc.callbacks.append(on_gc)
         if separate_publisher:
             import multiprocessing as mp
@@ -289,6 +295,7 @@ def _latency(
     finally:
         if on_gc in gc.callbacks:
             gc.callbacks.remove(on_gc)
+            gc.unfreeze()
         stop.set()
         proc.terminate()
         try:
