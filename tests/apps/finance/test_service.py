@@ -12,6 +12,8 @@ from apps.finance.features import FeatureConfig
 from apps.finance.model import FraudModel
 from apps.finance.service import FraudScorer, ScorerConfig, ScoreResult
 from apps.finance.simulator import records
+from core.streaming import FeaturePipeline
+from core.streaming.pipeline import SNAPSHOT_MAGIC
 
 DAY = 86400.0
 
@@ -133,6 +135,34 @@ def test_snapshot_restore_continues_exactly(small_world: pd.DataFrame) -> None:
             due.append((row["ts"] + 7 * DAY, r.tx_id, y))
         outs.append(res)
     assert outs[0] == outs[1]
+
+
+def test_checkpoint_with_one_window_group_per_span_restores_and_continues(
+    tiny_world: pd.DataFrame,
+) -> None:
+    """A scorer checkpoint written before multi-span window groups (version-1 windows: one
+    group per span) restores into today's scorer, which then continues bit for bit like an
+    uninterrupted one."""
+    df = tiny_world.iloc[:3000]
+    cut = 2000
+    cfg = ScorerConfig(alerts_per_day=10, min_scores=50)
+    old, whole = FraudScorer(cfg), FraudScorer(cfg)
+    pipe = old.features.pipeline
+    assert pipe is not None
+    old.features.pipeline = per_span = FeaturePipeline(
+        pipe.specs, pipe.time_field, pipe.allowed_lateness, merge_spans=False
+    )
+    assert repr(_drive(old, df.iloc[:cut])) == repr(_drive(whole, df.iloc[:cut]))
+
+    def version_1() -> bytes:  # the layout version 1 wrote, stamped as it was
+        blob = per_span.snapshot()
+        return blob[: len(SNAPSHOT_MAGIC)] + bytes([1]) + blob[len(SNAPSHOT_MAGIC) + 1 :]
+
+    old.features.snapshot = version_1  # type: ignore[method-assign]
+    resumed = FraudScorer.from_snapshot(old.snapshot())
+    assert resumed.features.snapshot() == whole.features.snapshot()
+    assert resumed.stats() == whole.stats()
+    assert repr(_drive(resumed, df.iloc[cut:])) == repr(_drive(whole, df.iloc[cut:]))
 
 
 def test_snapshot_rejects_foreign_or_corrupt_bytes() -> None:
