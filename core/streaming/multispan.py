@@ -342,9 +342,10 @@ class MultiSpanGroup(WindowGroup):
             exact_features(outputs, [it for it in st.dq if lo <= it[0] < u], t, x, out)
 
     # ------------------------------------------------------------------ snapshots
-    def dump_state(self, st: MultiKeyState) -> list[Any]:
-        """Plain-data state of one key (items, per-span starts, b, f, per-span sums)."""
-        return [list(st.dq), list(st.sa), st.b, st.f, [list(m) for m in st.sm]]
+    def dump_state(self, st: MultiKeyState, items: list[Any]) -> list[Any]:
+        """Plain-data state of one key: ``items`` (its deque as plain data), per-span window
+        starts, b, f and per-span sums."""
+        return [items, list(st.sa), st.b, st.f, st.sm]
 
     def load_state(self, s: list[Any], items: list[tuple[float, Any]]) -> MultiKeyState:
         """The key state :meth:`dump_state` wrote (``items`` already checked); ValueError if

@@ -451,8 +451,9 @@ def _json_default(obj: Any) -> Any:
     raise ValueError(f"{type(obj).__name__} {obj!r} is not a str, int, float or bool")
 
 
-def _dump_items(dq: deque[tuple[float, Any]]) -> list[Any]:
-    if all(v.__class__ in _PLAIN for _, v in dq):  # the common case: (t, v) tuples as they are
+def _dump_items(dq: deque[tuple[float, Any]], numeric: bool) -> list[Any]:
+    # numeric windows hold floats only (prepare converts every value); otherwise check
+    if numeric or all(v.__class__ in _PLAIN for _, v in dq):
         return list(dq)  # json writes a tuple as the same array as a list
     # numpy scalars are unwrapped, anything else is refused
     return [[ts, v if v.__class__ is float else _plain(v, "value")] for ts, v in dq]
@@ -460,11 +461,11 @@ def _dump_items(dq: deque[tuple[float, Any]]) -> list[Any]:
 
 def _dump_state(st: KeyState, g: WindowGroup) -> list[Any]:
     if isinstance(g, MultiSpanGroup):
-        return [_dump_items(st.dq), *g.dump_state(st)[1:]]  # type: ignore[arg-type]
+        return g.dump_state(st, _dump_items(st.dq, g.numeric))  # type: ignore[arg-type]
     # min/max deques hold items of dq: store their positions so identities survive restore
     pos = {id(it): i for i, it in enumerate(st.dq)} if (st.mx or st.mn) else {}
     return [
-        _dump_items(st.dq),
+        _dump_items(st.dq, g.numeric),
         st.a,
         st.b,
         st.f,
