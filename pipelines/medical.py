@@ -270,6 +270,61 @@ def ensemble(
     typer.echo(f"wrote an ensemble of {len(model)} detectors to {out}")
 
 
+# --------------------------------------------------------------------------- operating-point
+@app.command("operating-point")
+def operating_point_cmd(
+    model: Annotated[str, typer.Option(help="Detector state file (any: plain, ensemble, FPR).")],
+    val: Annotated[
+        Path, typer.Option(help="Validation export (pacs/ + truth/); never the held-out one.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the file with it.")],
+    fp: Annotated[
+        float, typer.Option(help="False positives per scan of the operating point.")
+    ] = 1.0,
+    flip: Annotated[
+        list[str] | None,
+        typer.Option(help="TTA flips to run at (default: the file's, else lr); recorded too."),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch CPU threads.")] = None,
+) -> None:
+    """Record in a detector file the confidence threshold at FP false positives per scan on a
+    validation export, with its TTA flips: batch, evaluate and the UI then report at it unless
+    given --threshold / --flip."""
+    from apps.medical.evaluate import FP_RATES, evaluate_export
+    from apps.medical.service import MedicalService, operating_point, record_operating_point
+
+    if not Path(model).is_file():
+        raise UserError(f"--model {model!r}: no such file (a detector state file)")
+    if not (val / "pacs").is_dir() or not (val / "truth").is_dir():
+        raise UserError(f"{val} is not a phantom export (needs pacs/ and truth/)")
+    if fp not in FP_RATES:
+        raise UserError(f"--fp must be one of {', '.join(f'{r:g}' for r in FP_RATES)}, got {fp}")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        svc = MedicalService.load(model, flips=tuple(flip) if flip else None)
+    except ValueError as exc:  # e.g. an unknown --flip
+        raise UserError(str(exc)) from None
+    res = evaluate_export(val, svc)
+    thr = res["froc"]["threshold_at_fp"][str(fp)]
+    if thr is None:
+        raise UserError(
+            f"no operating point at {fp:g} FP/scan on {val}: the detector's candidates there "
+            "already exceed it (or there are none); nothing written"
+        )
+    op = operating_point(
+        thr,
+        svc.flips,
+        f"validation export {val} at {fp:g} FP/scan",
+        fp_per_scan=fp,
+        sensitivity=res["froc"]["sensitivity_at_fp"][str(fp)],
+    )
+    record_operating_point(model, out, op)
+    typer.echo(json.dumps({"out": str(out), "operating_point": op, "cpm": res["cpm"]}, indent=1))
+
+
 # --------------------------------------------------------------------------- train-fpr
 @app.command("train-fpr")
 def train_fpr(
@@ -285,7 +340,8 @@ def train_fpr(
         Path | None,
         typer.Option(
             help="Validation export: the combination weight with the best sensitivity at "
-            "1 FP/scan there is kept (never pass the held-out export)."
+            "1 FP/scan there is kept, its threshold at 1 FP/scan and the spiculation threshold "
+            "are recorded in the file (never pass the held-out export)."
         ),
     ] = None,
     weight: Annotated[
@@ -299,7 +355,10 @@ def train_fpr(
     ] = None,
     flip: Annotated[
         list[str] | None,
-        typer.Option(help="TTA flips of the detector when mining candidates (as evaluate)."),
+        typer.Option(
+            help="TTA flips of the detector when mining candidates; recorded in the file, "
+            "batch / evaluate / the UI run with them unless given --flip."
+        ),
     ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 1500,
     patch: Annotated[int, typer.Option(min=8, help="Fine patch edge in voxels (x4).")] = 16,

@@ -127,6 +127,22 @@ def batch(
             "quarantined as 'timed out').",
         ),
     ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Report nodules from this confidence; default: the model file's operating "
+            "point (train-fpr: 1 FP/scan on its validation export), else 0.3.",
+        ),
+    ] = None,
+    flip: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TTA mirror axis (lr, ap, si; repeat for several); default: the model "
+            "file's flips, else lr."
+        ),
+    ] = None,
 ) -> None:
     """Ingestion -> model -> report for every study; resumable via OUT/manifest.json."""
     from apps.medical.batch import run_batch
@@ -137,6 +153,16 @@ def batch(
     check_engine_options(engine, ray_address)
     if model is not None:
         check_model_source(model)
+    from apps.medical.service import FLIPS
+
+    bad = [f for f in flip or [] if f not in FLIPS]
+    if bad:
+        raise UserError(f"--flip must be among {', '.join(FLIPS)}, got {', '.join(bad)}")
+    service_kw: dict[str, Any] = {}  # unset: the model file's operating point
+    if threshold is not None:
+        service_kw["threshold"] = threshold
+    if flip:
+        service_kw["flips"] = tuple(flip)
     try:
         res = run_batch(
             pacs_dir,
@@ -149,6 +175,7 @@ def batch(
             ray_address=ray_address,
             max_retries=max_retries,
             item_timeout=item_timeout,
+            service_kw=service_kw,
         )
     except WorkerInitError as exc:  # e.g. the model cannot be loaded in a worker
         raise UserError(str(exc)) from None
@@ -182,16 +209,19 @@ def evaluate(
     flip: Annotated[
         list[str] | None,
         typer.Option(
-            help="TTA mirror axis: lr (left-right, the default), ap or si; repeat for several "
-            "(one more detector pass each)."
+            help="TTA mirror axis: lr, ap or si; repeat for several (one more detector pass "
+            "each). Default: the flips the model file records, else lr."
         ),
     ] = None,
     threshold: Annotated[
-        float,
+        float | None,
         typer.Option(
-            min=0.0, max=1.0, help="Operating confidence for the reports (FROC sweeps all)."
+            min=0.0,
+            max=1.0,
+            help="Operating confidence for the reports (FROC sweeps all); default: the one the "
+            "model file records (train-fpr: 1 FP/scan on its validation export), else 0.3.",
         ),
-    ] = 0.3,
+    ] = None,
     ablation: Annotated[
         str | None,
         typer.Option(
@@ -203,13 +233,13 @@ def evaluate(
     """FROC (0.125-8 FP/scan) and CPM, Lung-RADS accuracy, follow-up accuracy with/without text,
     seconds per study; with --ablation, the same for a second model side by side."""
     from apps.medical.evaluate import ablation_row, evaluate_export
-    from apps.medical.service import DEFAULT_FLIPS, MedicalService
+    from apps.medical.service import MedicalService
 
     _need_export(data)
     _threads(threads)
     for m in [*(model or []), *([ablation] if ablation is not None else [])]:
         check_model_source(m, option="model")
-    flips = tuple(flip) if flip else DEFAULT_FLIPS
+    flips = tuple(flip) if flip else None  # None: the model file's, else the default
     try:
         svc = MedicalService.load(model or None, tta=tta, threshold=threshold, flips=flips)
     except ValueError as exc:  # e.g. an unknown --flip
@@ -217,6 +247,7 @@ def evaluate(
     res = evaluate_export(data, svc)
     res["tta"] = tta
     res["flips"] = list(svc.flips) if tta else []
+    res["operating_point"] = svc.operating()
     if ablation is not None:
         other = MedicalService.load(ablation, tta=tta, threshold=threshold, flips=flips)
         res_b = evaluate_export(data, other)

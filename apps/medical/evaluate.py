@@ -71,12 +71,15 @@ def froc(
         elif tid == -1:
             fps += 1
         curve.append((fps / n_scans, len(found) / max(n_targets, 1), conf))
-    sens = {}
+    sens, thresholds = {}, {}
     for r in fp_rates:
-        ok = [c[1] for c in curve if c[0] <= r]
-        sens[str(r)] = round(max(ok), 4) if ok else 0.0
+        ok = [c for c in curve if c[0] <= r]
+        sens[str(r)] = round(max(c[1] for c in ok), 4) if ok else 0.0
+        # the operating point: report candidates >= this confidence for <= r FP/scan
+        thresholds[str(r)] = ok[-1][2] if ok else None
     return {
         "sensitivity_at_fp": sens,
+        "threshold_at_fp": thresholds,
         "cpm": round(float(np.mean(list(sens.values()))), 4),
         "n_targets": n_targets,
         "n_scans": len(scans),

@@ -50,8 +50,11 @@ FPR_FORMAT = "vigil.medical.fpr/1"
 # Candidates are decoded down to this detector confidence when a classifier re-scores them
 # (what evaluate's FROC sweep uses): the classifier can lift a faint true nodule over vessels.
 CANDIDATE_THRESHOLD = 0.02
-# p(spiculated) from which a finding is reported spiculated (Lung-RADS 3/4 -> 4X)
+# p(spiculated) from which a finding is reported spiculated (Lung-RADS 3/4 -> 4X); train-fpr
+# chooses it on validation and stores it with the classifier (older files: this default)
 SPICULATION_THRESHOLD = 0.5
+# p(spiculated): the CNN's output, the spiculation trees', or their mean (cnn without trees)
+SPICULATION_SOURCES = ("cnn", "trees", "mean")
 
 
 class CandidateClassifier(nn.Module):
@@ -70,6 +73,8 @@ class CandidateClassifier(nn.Module):
         channels: Sequence[int] = (16, 32, 64),
         spacing_mm: float = 2.0,
         weight: float = 0.5,
+        spiculation_threshold: float = SPICULATION_THRESHOLD,
+        spiculation_source: str = "mean",
     ) -> None:
         super().__init__()
         from monai.networks.blocks import Convolution, ResidualUnit
@@ -80,9 +85,19 @@ class CandidateClassifier(nn.Module):
             raise ValueError(f"channels must be 3 positive widths, got {channels}")
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
+        if not 0.0 <= spiculation_threshold <= 1.0:
+            raise ValueError(
+                f"spiculation_threshold must be in [0, 1], got {spiculation_threshold}"
+            )
         c0, c1, c2 = (int(c) for c in channels)
         self.patch, self.channels = int(patch), (c0, c1, c2)
         self.spacing_mm, self.weight = float(spacing_mm), float(weight)
+        if spiculation_source not in SPICULATION_SOURCES:
+            raise ValueError(
+                f"spiculation_source must be one of {SPICULATION_SOURCES}, got {spiculation_source!r}"
+            )
+        self.spiculation_threshold = float(spiculation_threshold)
+        self.spiculation_source = spiculation_source
         self.net = nn.Sequential(
             Convolution(3, 2, c0, strides=1, kernel_size=3, norm="batch", act="relu"),
             ResidualUnit(3, c0, c1, strides=2, kernel_size=3, subunits=2, norm="batch"),
@@ -100,6 +115,8 @@ class CandidateClassifier(nn.Module):
         return self.net(x)
 
     shape_model: Any = None  # sklearn classifier on shape_features (None: the CNN alone)
+    # sklearn classifier on spiculation_features (None: the CNN's spiculation output)
+    spiculation_model: Any = None
 
     @torch.no_grad()
     def score_parts(
@@ -114,14 +131,23 @@ class CandidateClassifier(nn.Module):
         patches = extract_patches(image, centres, self.patch)
         p = torch.sigmoid(self(patches).float()).numpy().astype(float)
         self.train(was)
-        shape = None
+        shape, spic = None, p[:, 1]
+        if self.spiculation_model is not None and self.spiculation_source != "cnn":
+            feats = spiculation_features(patches)  # shape_features first
+            trees = self.spiculation_model.predict_proba(feats)[:, 1].astype(float)
+            spic = trees if self.spiculation_source == "trees" else (spic + trees) / 2.0
+        else:
+            feats = shape_features(patches) if self.shape_model is not None else None
         if self.shape_model is not None:
-            shape = self.shape_model.predict_proba(shape_features(patches))[:, 1].astype(float)
-        return p[:, 0], shape, p[:, 1]
+            assert feats is not None
+            x = feats[:, : len(SHAPE_FEATURES)]
+            shape = self.shape_model.predict_proba(x)[:, 1].astype(float)
+        return p[:, 0], shape, spic
 
     def score(self, image: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(p_nodule, p_spiculated), each (N,): p_nodule is the mean of the CNN's and the shape
-        model's probabilities (the CNN's alone without a shape model)."""
+        model's probabilities (the CNN's alone without a shape model); p_spiculated as
+        :attr:`spiculation_source` says (the CNN's output without spiculation trees)."""
         cnn, shape, spic = self.score_parts(image, centres)
         return (cnn if shape is None else (cnn + shape) / 2.0), spic
 
@@ -131,6 +157,8 @@ class CandidateClassifier(nn.Module):
             "channels": list(self.channels),
             "spacing_mm": self.spacing_mm,
             "weight": self.weight,
+            "spiculation_threshold": self.spiculation_threshold,
+            "spiculation_source": self.spiculation_source,
         }
 
 
@@ -235,6 +263,49 @@ def shape_features(patches: torch.Tensor) -> np.ndarray:
         ]
         rows[k] = row
     return rows
+
+
+SHELLS = tuple(range(1, 8))  # voxel radii of the radial shells (2 mm each at 2 mm spacing)
+SPICULATION_FEATURES = (
+    *SHAPE_FEATURES,
+    *(f"shell{r}_dense" for r in SHELLS),
+    *(f"shell{r}_std" for r in SHELLS),
+    *(f"dense{i}_compactness" for i in range(len(DENSE_LEVELS))),
+)
+
+
+def spiculation_features(patches: torch.Tensor) -> np.ndarray:
+    """(N, len(SPICULATION_FEATURES)): :func:`shape_features` plus what spicules change around
+    a nodule (Lung-RADS 4X): the dense share and the spread of intensities in 2 mm radial shells
+    around the centre (spicules: dense voxels far out, in a few directions) and the compactness
+    of the central dense component (surface voxels / volume^(2/3): a spiculated margin has more
+    surface than a smooth one of the same volume)."""
+    from scipy import ndimage
+
+    base = shape_features(patches)
+    fine = patches[:, 0].numpy()
+    n, size = fine.shape[0], fine.shape[1]
+    mid = size // 2
+    g = np.stack(np.meshgrid(*(np.arange(size) - mid for _ in range(3)), indexing="ij"), -1)
+    r = np.linalg.norm(g, axis=-1)
+    shells = [(r >= a) & (r < a + 1) for a in SHELLS]
+    flat = fine.reshape(n, -1)
+    shells = [m.ravel() for m in shells if m.any()]  # a patch < 16 voxels: the outer ones empty
+    shells += [np.zeros(0, dtype=bool)] * (len(SHELLS) - len(shells))
+    dense = np.stack(
+        [(flat[:, m] > DENSE_LEVELS[0]).mean(1) if m.any() else np.zeros(n) for m in shells], 1
+    )
+    spread = np.stack([flat[:, m].std(1) if m.any() else np.zeros(n) for m in shells], 1)
+    compact = np.zeros((n, len(DENSE_LEVELS)), dtype=np.float32)
+    for k in range(n):
+        for i, level in enumerate(DENSE_LEVELS):
+            lab, _ = ndimage.label(fine[k] > level)
+            comp = int(lab[mid - 1 : mid + 1, mid - 1 : mid + 1, mid - 1 : mid + 1].max())
+            if comp:
+                m = lab == comp
+                surface = int((m & ~ndimage.binary_erosion(m)).sum())
+                compact[k, i] = surface / max(float(m.sum()), 1.0) ** (2 / 3)
+    return np.concatenate([base, dense, spread, compact], 1).astype(np.float32)
 
 
 # ------------------------------------------------------------------ candidates of an export
@@ -362,6 +433,7 @@ class FprConfig:
     jitter: int = 2  # voxels of random shift of a nodule patch's centre
     seed: int = 0
     shape_model: bool = True  # also fit the gradient-boosted shape model (shape_features)
+    spiculation_model: bool = True  # also fit the spiculation trees (spiculation_features)
 
 
 def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -447,7 +519,138 @@ def train_classifier(
     model.eval()
     if cfg.shape_model:
         model.shape_model = fit_shape_model(cases, cfg.patch, cfg.seed)
+    if cfg.spiculation_model:
+        model.spiculation_model = fit_spiculation_model(cases, cfg.patch, cfg.seed)
     return model, history
+
+
+def spiculation_samples(
+    cases: Sequence[CandidateCase], patch: int = 16, truth_centred: bool = True
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Patches, spiculated labels and "Lung-RADS 3/4 by size" flags of the nodules >= 4 mm of
+    ``cases``: at each candidate that hits one (where reports look) and, with
+    ``truth_centred``, at the truth centres too (more training samples)."""
+    from apps.medical import rules
+
+    patches, spic, cat34 = [], [], []
+    for c in cases:
+        if not len(c.truth):
+            continue
+        big = np.array([t["mean_diameter_mm"] >= 4.0 for t in c.truth], dtype=bool)
+        is34 = np.array(
+            [
+                rules.lungrads_nodule(
+                    rules.Nodule(
+                        t["mean_diameter_mm"], t.get("type", "solid"), t.get("solid_component_mm")
+                    )
+                )[0]
+                in ("3", "4A", "4B")
+                for t in c.truth
+            ],
+            dtype=bool,
+        )
+        idx: list[int] = []
+        centres: list[np.ndarray] = []
+        if truth_centred:
+            idx += [int(i) for i in np.flatnonzero(big)]
+            centres += [c.truth_voxel[i] for i in np.flatnonzero(big)]
+        for v in c.cand_voxel[c.cand_label == 1]:
+            idx.append(int(np.argmin(np.linalg.norm(c.truth_voxel - v, axis=1))))
+            centres.append(v)
+        if idx:
+            patches.append(extract_patches(c.image, np.array(centres), patch))
+            spic.append(c.truth_spiculated[idx])
+            cat34.append(is34[idx])
+    if not patches:
+        return torch.zeros((0, 2, patch, patch, patch)), np.zeros(0, bool), np.zeros(0, bool)
+    return torch.cat(patches), np.concatenate(spic), np.concatenate(cat34)
+
+
+def fit_spiculation_model(cases: Sequence[CandidateCase], patch: int = 16, seed: int = 0) -> Any:
+    """Gradient-boosted trees on :func:`spiculation_features` of the nodules >= 4 mm (truth
+    centres and the candidates that hit them), label: LIDC spiculation >= 3. None with fewer
+    than 2 of either class."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    x, y, _ = spiculation_samples(cases, patch)
+    if min(int(y.sum()), int((~y).sum())) < 2:
+        log.warning("spiculation trees: %d spiculated of %d nodules, not fitted", y.sum(), len(y))
+        return None
+    model = HistGradientBoostingClassifier(
+        max_iter=200,
+        learning_rate=0.05,
+        max_leaf_nodes=15,
+        l2_regularization=1.0,
+        min_samples_leaf=min(20, max(2, len(y) // 10)),
+        random_state=seed,
+    )
+    return model.fit(spiculation_features(x), y)
+
+
+SPICULATION_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def choose_spiculation(
+    cases: Sequence[CandidateCase],
+    clf: CandidateClassifier,
+    thresholds: Sequence[float] = SPICULATION_THRESHOLDS,
+) -> dict[str, Any]:
+    """Choose on validation ``cases`` what marks a finding spiculated (Lung-RADS 3/4 -> 4X):
+    the spiculation output with the best AUC (:data:`SPICULATION_SOURCES`; the trees are dropped
+    when the CNN's alone wins) and its threshold: the best accuracy on the candidates that hit a
+    nodule of Lung-RADS 3/4 size (where spiculation changes the category; ties: the better
+    balanced accuracy, then the higher threshold). Sets both on ``clf``; returns the numbers."""
+    from sklearn.metrics import roc_auc_score
+
+    x, y, cat34 = spiculation_samples(cases, clf.patch, truth_centred=False)
+    if not len(y) or y.all() or not y.any():
+        return {"chosen": None, "reason": f"{int(y.sum())} spiculated of {len(y)} on validation"}
+    with torch.no_grad():
+        clf.eval()
+        p_cnn = torch.sigmoid(clf(x)[:, 1].float()).numpy().astype(float)
+    outputs = {"cnn": p_cnn}
+    if clf.spiculation_model is not None:
+        trees = clf.spiculation_model.predict_proba(spiculation_features(x))[:, 1]
+        outputs["trees"], outputs["mean"] = trees, (p_cnn + trees) / 2.0
+    auc = {k: round(float(roc_auc_score(y, p)), 4) for k, p in outputs.items()}
+    source = max(auc, key=lambda k: (auc[k], k == "mean"))  # ties: the ensemble
+    clf.spiculation_source = source
+    if source == "cnn":
+        clf.spiculation_model = None
+    p = outputs[source]
+    sel = cat34 if cat34.any() and y[cat34].any() and not y[cat34].all() else np.ones_like(y)
+    rows = []
+    for t in thresholds:
+        f = p >= t
+        tpr = float((f & y)[sel].sum() / max(int(y[sel].sum()), 1))
+        tnr = float((~f & ~y)[sel].sum() / max(int((~y)[sel].sum()), 1))
+        rows.append(
+            {
+                "threshold": t,
+                "accuracy": round(float((f == y)[sel].mean()), 4),
+                "balanced_accuracy": round((tpr + tnr) / 2, 4),
+                "flagged": int(f[sel].sum()),
+            }
+        )
+    best = max(rows, key=lambda r: (r["accuracy"], r["balanced_accuracy"], r["threshold"]))
+    clf.spiculation_threshold = float(best["threshold"])
+    f = p >= clf.spiculation_threshold
+    return {
+        "chosen": source,
+        "threshold": clf.spiculation_threshold,
+        "auc": auc,
+        "samples": len(y),
+        "spiculated": int(y.sum()),
+        "lung_rads_3_4_samples": int(sel.sum()),
+        "lung_rads_3_4_spiculated": int(y[sel].sum()),
+        "accuracy_3_4": best["accuracy"],
+        "balanced_accuracy_3_4": best["balanced_accuracy"],
+        "accuracy_all": round(float((f == y).mean()), 4),
+        "predicted_4x": int((f & cat34).sum()),  # candidates on a 3/4 nodule marked spiculated
+        "true_4x": int((y & cat34).sum()),
+        "correct_4x": int((f & y & cat34).sum()),
+        "spiculated_marked": int(f.sum()),
+    }
 
 
 def fit_shape_model(cases: Sequence[CandidateCase], patch: int = 16, seed: int = 0) -> Any:
@@ -499,14 +702,19 @@ def froc_for_weight(
 
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+OPERATING_FP_PER_SCAN = 1.0  # the operating point train-fpr records (LUNA16's headline rate)
 
 
 def choose_weight(
-    cases: Sequence[CandidateCase], clf: CandidateClassifier, weights: Sequence[float] = WEIGHTS
+    cases: Sequence[CandidateCase],
+    clf: CandidateClassifier,
+    weights: Sequence[float] = WEIGHTS,
+    p_nodule: Sequence[np.ndarray] | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """The combination weight with the best sensitivity at 1 FP/scan on ``cases`` (ties: the
-    higher CPM, then the smaller weight); returns it and the table of every weight."""
-    p = rescored(cases, clf)
+    higher CPM, then the smaller weight); returns it and the table of every weight, each with
+    its confidence threshold at 1 FP/scan (the operating point). ``p_nodule``: already scored."""
+    p = rescored(cases, clf) if p_nodule is None else p_nodule
     rows = []
     for w in weights:
         fr = froc_for_weight(cases, p, w)
@@ -515,6 +723,7 @@ def choose_weight(
                 "weight": w,
                 "sensitivity_at_1fp": fr["sensitivity_at_fp"]["1.0"],
                 "cpm": fr["cpm"],
+                "threshold_at_1fp": fr["threshold_at_fp"]["1.0"],
                 "sensitivity_at_fp": fr["sensitivity_at_fp"],
             }
         )
@@ -534,6 +743,9 @@ def classifier_state(
         "args": clf.constructor_args(),
         "state_dict": clf.state_dict(),
         "shape_model": None if clf.shape_model is None else pickle.dumps(clf.shape_model),
+        "spiculation_model": None
+        if clf.spiculation_model is None
+        else pickle.dumps(clf.spiculation_model),
         "info": info or {},
     }
 
@@ -547,12 +759,16 @@ def classifier_from_state(state: dict[str, Any]) -> CandidateClassifier:
         channels=tuple(args["channels"]),
         spacing_mm=float(args["spacing_mm"]),
         weight=float(args["weight"]),
+        spiculation_threshold=float(args.get("spiculation_threshold", SPICULATION_THRESHOLD)),
+        spiculation_source=str(args.get("spiculation_source", "mean")),
     )
     clf.load_state_dict(state["state_dict"])
-    if state.get("shape_model") is not None:
-        import pickle
+    import pickle
 
+    if state.get("shape_model") is not None:
         clf.shape_model = pickle.loads(state["shape_model"])
+    if state.get("spiculation_model") is not None:
+        clf.spiculation_model = pickle.loads(state["spiculation_model"])
     return clf.eval()
 
 
@@ -579,7 +795,7 @@ def train_fpr_and_log(
     """Mine the detector's candidates on ``data_dirs`` (and ``val_dir``), train the classifier,
     choose the combination weight on ``val_dir`` (unless ``weight`` is given; without either:
     0.5), write detector + classifier to ``out_path`` and log the run to MLflow."""
-    from apps.medical.service import MedicalService, save_detector
+    from apps.medical.service import MedicalService, operating_point, save_detector
     from core import tracking
 
     svc = MedicalService.load(model_source, tta=bool(flips), flips=tuple(flips) or ("lr",))
@@ -621,8 +837,12 @@ def train_fpr_and_log(
             tracking.log_metrics({f"loss_{k}": v for k, v in history[i].items()}, step=i)
         rows: list[dict[str, Any]] = []
         parts: dict[str, Any] = {}
+        spiculation: dict[str, Any] = {}
+        p_val: list[np.ndarray] | None = None
         if val_cases:  # diagnostics: each classifier alone, combined at every weight
+            spiculation = choose_spiculation(val_cases, clf)
             scored = [clf.score_parts(c.image, c.cand_voxel) for c in val_cases]
+            p_val = [s[0] if s[1] is None else (s[0] + s[1]) / 2.0 for s in scored]
             for name, k in (("cnn", 0), ("shape", 1)):
                 if scored and scored[0][k] is None:
                     continue
@@ -631,8 +851,11 @@ def train_fpr_and_log(
                     f"{w:g}": froc_for_weight(val_cases, p_part, w)["sensitivity_at_fp"]["1.0"]
                     for w in WEIGHTS
                 }
-        if weight is None and val_cases:
-            weight, rows = choose_weight(val_cases, clf)
+        if val_cases:  # the table (and the operating point) also for a given weight
+            best, rows = choose_weight(
+                val_cases, clf, sorted({*WEIGHTS, *([weight] if weight is not None else [])}), p_val
+            )
+            weight = best if weight is None else weight
             for r in rows:
                 w = r["weight"]
                 tracking.log_metrics(
@@ -640,6 +863,16 @@ def train_fpr_and_log(
                 )
         clf.weight = 0.5 if weight is None else float(weight)
         chosen = next((r for r in rows if r["weight"] == clf.weight), None)
+        # the operating point travels with the file: batch / evaluate / the UI report at it
+        op = operating_point(
+            chosen["threshold_at_1fp"] if chosen else None,
+            flips,
+            f"validation export {val_dir} at {OPERATING_FP_PER_SCAN:g} FP/scan"
+            if chosen
+            else "flips of train-fpr (no validation export: no threshold)",
+            fp_per_scan=OPERATING_FP_PER_SCAN if chosen else None,
+            sensitivity=chosen["sensitivity_at_1fp"] if chosen else None,
+        )
         tracking.log_metrics(
             {
                 "mine_seconds": t_mine,
@@ -654,9 +887,19 @@ def train_fpr_and_log(
             "data": [str(d) for d in data_dirs],
             "validation": rows,
             "validation_sensitivity_at_1fp_by_part": parts,
+            "spiculation": spiculation,
         }
+        if spiculation.get("auc"):
+            tracking.log_metrics(
+                {f"val_spiculation_auc_{k}": v for k, v in spiculation["auc"].items()}
+            )
         save_detector(
-            svc.model, Path(out_path), run_id=svc.model_info.get("run_id"), fpr=clf, fpr_info=info
+            svc.model,
+            Path(out_path),
+            run_id=svc.model_info.get("run_id"),
+            fpr=clf,
+            fpr_info=info,
+            op=op,
         )
         tracking.log_artifact(Path(out_path))
         run_id = run.info.run_id
@@ -676,6 +919,11 @@ def train_fpr_and_log(
         "val_detector_only_sensitivity_at_1fp": (
             detector_only["sensitivity_at_1fp"] if detector_only else None
         ),
-        "validation": [{k: r[k] for k in ("weight", "sensitivity_at_1fp", "cpm")} for r in rows],
+        "validation": [
+            {k: r[k] for k in ("weight", "sensitivity_at_1fp", "cpm", "threshold_at_1fp")}
+            for r in rows
+        ],
         "validation_sensitivity_at_1fp_by_part": parts,
+        "operating_point": op,
+        "spiculation": spiculation,
     }

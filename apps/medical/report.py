@@ -213,7 +213,11 @@ def report_dict(rep: StudyReport, deid: Deidentifier | None = None) -> dict[str,
         "study_key": rep.study_key,
         "series_key": rep.series_key,
         "source_series_uid": deid.uid(rep.series_uid) if rep.series_uid else None,
-        "model": {k: rep.model.get(k) for k in ("name", "version", "run_id")},
+        "model": {  # operating_point: the threshold / TTA flips these findings were made at
+            k: rep.model.get(k)
+            for k in ("name", "version", "run_id", "operating_point")
+            if k != "operating_point" or k in rep.model
+        },
         "findings": [
             {
                 "id": f.id,

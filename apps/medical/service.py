@@ -36,6 +36,8 @@ CALCIFIED_HU = 180.0
 # test-time flips: name -> axis of the (B, 1, X, Y, Z) input (RAS-ordered volume axes)
 FLIPS = {"lr": 2, "ap": 3, "si": 4}
 DEFAULT_FLIPS = ("lr",)
+# reporting threshold of a file that records no operating point (see ``operating_point``)
+DEFAULT_THRESHOLD = 0.3
 
 
 def core_hu(hu: np.ndarray, voxel: np.ndarray) -> float:
@@ -66,7 +68,7 @@ class Finding:
     voxel: list[float]  # in the analysed volume (for key images)
     calcified: bool = False  # measured: dense (calcium) core, see CALCIFIED_HU
     core_hu: float | None = None  # the measurement behind ``calcified``
-    spiculated: bool = False  # second-stage classifier: p(spiculated) >= SPICULATION_THRESHOLD
+    spiculated: bool = False  # second-stage classifier: p(spiculated) >= its threshold
     spiculation_probability: float | None = None  # None: no second-stage classifier
 
 
@@ -93,16 +95,43 @@ class StudyReport:
     picks_voxel: list[list[float]] = field(default_factory=list)  # token model's top-k picks
 
 
+def operating_point(
+    threshold: float | None,
+    flips: Sequence[str],
+    source: str,
+    fp_per_scan: float | None = None,
+    sensitivity: float | None = None,
+) -> dict[str, Any]:
+    """The ``operating_point`` entry of a detector file: the reporting ``threshold`` (chosen
+    at ``fp_per_scan`` false positives per scan on the export named in ``source``) and the TTA
+    ``flips`` it was chosen with; :meth:`MedicalService.load` uses both unless told otherwise
+    (``threshold`` None: flips only)."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    bad = [f for f in flips if f not in FLIPS]
+    if bad:
+        raise ValueError(f"flips must be among {', '.join(FLIPS)}, got {bad}")
+    return {
+        "threshold": None if threshold is None else round(float(threshold), 6),
+        "flips": list(flips),
+        "source": source,
+        "fp_per_scan": fp_per_scan,
+        "sensitivity": sensitivity,
+    }
+
+
 def save_detector(
     model: Detector,
     path: Path,
     run_id: str | None = None,
     fpr: CandidateClassifier | None = None,
     fpr_info: dict[str, Any] | None = None,
+    op: dict[str, Any] | None = None,
 ) -> Path:
     """Write a detector (or ensemble) state file (weights + constructor args) loadable by
     :meth:`MedicalService.load`; with ``fpr``, the second-stage classifier
-    (:mod:`apps.medical.fpr`) goes into the same file (key ``fpr``, ``fpr_info`` with it)."""
+    (:mod:`apps.medical.fpr`) goes into the same file (key ``fpr``, ``fpr_info`` with it);
+    ``op``: its :func:`operating_point` (key ``operating_point``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {
@@ -115,8 +144,25 @@ def save_detector(
         from apps.medical.fpr import classifier_state
 
         state["fpr"] = classifier_state(fpr, fpr_info)
+    if op is not None:
+        state["operating_point"] = dict(op)
     torch.save(state, path)
     return path
+
+
+def record_operating_point(source: Path | str, out: Path | str, op: dict[str, Any]) -> Path:
+    """Copy the detector file ``source`` to ``out`` with ``op`` (:func:`operating_point`) as
+    its operating point (``out`` may be ``source``: rewritten in place)."""
+    from pipelines.errors import UserError
+
+    state = torch.load(str(source), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise UserError(f"{source} is not a Vigil medical detector file")
+    state["operating_point"] = dict(op)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out
 
 
 def _lung_mask(hu: np.ndarray, margin_vox: int = 5) -> np.ndarray:
@@ -183,7 +229,7 @@ class MedicalService:
         self,
         model: Detector,
         model_info: dict[str, Any] | None = None,
-        threshold: float = 0.3,
+        threshold: float = DEFAULT_THRESHOLD,
         min_diameter_mm: float = 3.0,
         use_encoder: bool = True,
         bf16: bool | None = None,
@@ -219,29 +265,75 @@ class MedicalService:
                 f"classifier spacing {fpr.spacing_mm} mm != detector spacing {model.spacing_mm} mm"
             )
         self.fpr = fpr.eval() if fpr is not None else None
+        # where threshold and flips came from: "option", "model file" or "default" (load sets it)
+        self.operating_sources = {"threshold": "option", "flips": "option"}
         self._encoder: ClinicalTextEncoder | None = None
         self._token_encoder: ClinicalTextEncoder | bool | None = None  # False: unavailable
+
+    def operating(self) -> dict[str, Any]:
+        """The operating point in use: reporting threshold, TTA flips, and where each came from
+        (``option``: the caller's, ``model file``: the file's ``operating_point``, ``default``)."""
+        return {
+            "threshold": self.threshold,
+            "threshold_source": self.operating_sources["threshold"],
+            "flips": list(self.flips) if self.tta else [],
+            "flips_source": self.operating_sources["flips"],
+        }
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(
-        cls, source: str | Path | Sequence[str | Path] | None = None, **kw: Any
+        cls,
+        source: str | Path | Sequence[str | Path] | None = None,
+        threshold: float | None = None,
+        flips: Sequence[str] | None = None,
+        **kw: Any,
     ) -> MedicalService:
         """From a state file, an MLflow model URI (``models:/...``, ``runs:/...``), ``None`` for
-        the registered champion, or a list of those: an ensemble of their detectors."""
-        from pipelines.errors import UserError
+        the registered champion, or a list of those: an ensemble of their detectors.
 
+        ``threshold`` / ``flips`` ``None``: the file's recorded operating point
+        (:func:`operating_point`, written by ``vigil medical train-fpr``) where it has one, else
+        :data:`DEFAULT_THRESHOLD` / :data:`DEFAULT_FLIPS`; given values always win."""
         if isinstance(source, str | Path) or source is None:
             source = [source]  # type: ignore[list-item]
         sources = list(source)  # type: ignore[arg-type]
+        op: dict[str, Any] = {}
         if len(sources) == 1:
             model, info, fpr = _load_detector(sources[0])
-            return cls(model, info, **{"fpr": fpr, **kw})
+            op = dict(info.get("operating_point") or {})
+            kw = {"fpr": fpr, **kw}
+        else:
+            model, info = cls._load_ensemble(sources)
+        picked = {
+            "threshold": (threshold, "option")
+            if threshold is not None
+            else (op["threshold"], "model file")
+            if op.get("threshold") is not None
+            else (DEFAULT_THRESHOLD, "default"),
+            "flips": (tuple(flips), "option")
+            if flips is not None
+            else (tuple(op["flips"]), "model file")
+            if op.get("flips") is not None
+            else (DEFAULT_FLIPS, "default"),
+        }
+        svc = cls(model, info, threshold=picked["threshold"][0], flips=picked["flips"][0], **kw)
+        svc.operating_sources = {k: v[1] for k, v in picked.items()}
+        svc.model_info["operating_point"] = {
+            k: v for k, v in svc.operating().items() if k in ("threshold", "flips")
+        }
+        return svc
+
+    @staticmethod
+    def _load_ensemble(sources: Sequence[str | Path | None]) -> tuple[Detector, dict[str, Any]]:
         from apps.medical.ensemble import DetectorEnsemble
+        from pipelines.errors import UserError
 
         loaded = [_load_detector(s) for s in sources]
         if any(f is not None for _, _, f in loaded):
             log.warning("an ensemble of files: their second-stage classifiers are not used")
+        if any(i.get("operating_point") for _, i, _ in loaded):
+            log.warning("an ensemble of files: their operating points are not used")
         try:
             model = DetectorEnsemble([m for m, _, _ in loaded])
         except ValueError as exc:
@@ -251,7 +343,7 @@ class MedicalService:
             "version": "+".join(str(i["version"]) for _, i, _ in loaded),
             "run_id": ",".join(str(i["run_id"]) for _, i, _ in loaded if i["run_id"]) or None,
         }
-        return cls(model, info, **kw)
+        return model, info
 
     @property
     def encoder(self) -> ClinicalTextEncoder | None:
@@ -355,7 +447,7 @@ class MedicalService:
     def _rescore(self, found: list[dict[str, Any]], image: np.ndarray) -> list[dict[str, Any]]:
         """Second stage: classifier probabilities, the combined confidence (``threshold``
         applies to it), best first."""
-        from apps.medical.fpr import SPICULATION_THRESHOLD, combine_scores
+        from apps.medical.fpr import combine_scores
 
         assert self.fpr is not None
         if not found:
@@ -373,7 +465,7 @@ class MedicalService:
                         "detector_confidence": f["confidence"],
                         "nodule_probability": round(float(pn), 4),
                         "spiculation_probability": round(float(ps), 4),
-                        "spiculated": bool(ps >= SPICULATION_THRESHOLD),
+                        "spiculated": bool(ps >= self.fpr.spiculation_threshold),
                     }
                 )
         return sorted(out, key=lambda f: -f["confidence"])
@@ -551,6 +643,8 @@ def _load_detector(
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise UserError(f"{source}: unreadable second-stage classifier ({exc})") from None
             info["fpr"] = {"weight": fpr.weight, **dict(state["fpr"].get("info") or {})}
+        if isinstance(state.get("operating_point"), dict):
+            info["operating_point"] = dict(state["operating_point"])
         return model, info, fpr
     import mlflow.pytorch
 

@@ -3,6 +3,7 @@ training on a synthetic nodule-vs-vessel task, the service seam and the command.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +13,23 @@ from typer.testing import CliRunner
 
 from apps.medical.evaluate import froc
 from apps.medical.fpr import (
+    SPICULATION_FEATURES,
     CandidateCase,
     CandidateClassifier,
     FprConfig,
+    choose_spiculation,
     choose_weight,
+    classifier_from_state,
+    classifier_state,
     combine_scores,
     extract_patches,
+    fit_spiculation_model,
     label_candidates,
+    spiculation_features,
     train_classifier,
 )
 from apps.medical.model import NoduleDetector
-from apps.medical.service import MedicalService, save_detector
+from apps.medical.service import MedicalService, operating_point, save_detector
 from pipelines.errors import UserError
 from tests.apps.medical.test_service import tiny_export
 
@@ -59,6 +66,23 @@ def test_labels_match_the_froc() -> None:
     fr = froc([([{"center_mm": c, "confidence": 0.5} for c in cands], truth)])
     assert fr["n_targets"] == 1 and fr["max_sensitivity"] == 1.0
     assert fr["curve"][-1][0] == 2.0
+
+
+def test_froc_threshold_at_fp_is_the_operating_point() -> None:
+    truth = [{"center_mm": [0.0, 0.0, 0.0], "mean_diameter_mm": 10.0}]
+    far = [100.0, 0.0, 0.0]
+    # two scans: FPs at 0.9 and 0.5, the nodule at 0.4, another FP at 0.3
+    scans = [
+        (
+            [{"center_mm": far, "confidence": 0.9}, {"center_mm": [1, 0, 0], "confidence": 0.4}],
+            truth,
+        ),
+        ([{"center_mm": far, "confidence": 0.5}, {"center_mm": far, "confidence": 0.3}], []),
+    ]
+    fr = froc(scans, fp_rates=(0.5, 1.0, 2.0))
+    # <= 0.5 FP/scan: only the 0.9 FP may pass; <= 1 FP/scan: down to the nodule's 0.4
+    assert fr["threshold_at_fp"] == {"0.5": 0.9, "1.0": 0.4, "2.0": 0.3}
+    assert fr["sensitivity_at_fp"] == {"0.5": 0.0, "1.0": 1.0, "2.0": 1.0}
 
 
 def _blob_or_tube(rng: np.random.Generator, n: int) -> CandidateCase:
@@ -192,6 +216,28 @@ def test_train_fpr_command(
     assert svc.fpr is not None and svc.fpr.weight in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert svc.fpr.shape_model is not None  # the tree model travels in the same file
     assert '"val_sensitivity_at_1fp"' in res.output
+    # the validation operating point travels with it: 1 FP/scan there, the mining flips
+    op = torch.load(out, weights_only=False)["operating_point"]
+    summary = json.loads(res.output[res.output.index("{") :])
+    chosen = next(r for r in summary["validation"] if r["weight"] == summary["weight"])
+    assert op["threshold"] == pytest.approx(chosen["threshold_at_1fp"], abs=1e-6)
+    assert op["flips"] == ["lr"] and op["fp_per_scan"] == 1.0 and str(root) in op["source"]
+    assert (svc.threshold, svc.flips) == (op["threshold"], ("lr",))
+    # evaluate says at which operating point it reported (an explicit option wins)
+    from pipelines.cli import app as vigil_app
+
+    ev = tmp_path / "eval.json"
+    args_ev = ["medical", "evaluate", "--data", str(root), "--model", str(out), "--json", str(ev)]
+    r = runner.invoke(vigil_app, [*args_ev, "--no-tta", "--threshold", "0.9"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(ev.read_text())
+    assert got["operating_threshold"] == 0.9
+    assert got["operating_point"]["threshold_source"] == "option"
+    assert got["operating_point"]["flips_source"] == "model file"
+    bad_flip = runner.invoke(
+        vigil_app, ["medical", "batch", str(root / "pacs"), "--out", "o", "--flip", "up"]
+    )
+    assert isinstance(bad_flip.exception, UserError) and "--flip" in str(bad_flip.exception)
     # bad input: a clear message (UserError: the CLI prints it, no traceback)
     bad = runner.invoke(
         app, ["train-fpr", "--model", str(det), "--data", str(tmp_path), "--out", "x"]
@@ -217,3 +263,152 @@ def test_a_spiculated_category_3_finding_is_reported_4x() -> None:
     assert d["findings"][0]["spiculation_probability"] == 0.81
     assert any("spiculated (classifier 0.81)" in s["text"] for s in d["sentences"])
     assert report_dict(plain)["findings"][0]["spiculation_probability"] is None
+
+
+def test_the_operating_point_travels_with_the_file(tmp_path: Path) -> None:
+    from apps.medical.report import report_dict, validate_report
+    from apps.medical.rules import Risk
+
+    det = NoduleDetector(channels=(4, 8, 8), heads=2)
+    op = operating_point(0.17, ("lr", "si"), "validation export v at 1 FP/scan", 1.0, 0.9)
+    with_op = save_detector(det, tmp_path / "op.pt", op=op)
+    old = save_detector(det, tmp_path / "old.pt")
+    kw = {"use_encoder": False, "bf16": False}
+    svc = MedicalService.load(with_op, **kw)
+    assert (svc.threshold, svc.flips) == (0.17, ("lr", "si"))
+    assert svc.operating() == {
+        "threshold": 0.17,
+        "threshold_source": "model file",
+        "flips": ["lr", "si"],
+        "flips_source": "model file",
+    }
+    # explicit values win, each on its own
+    mixed = MedicalService.load(with_op, threshold=0.5, **kw)
+    assert (mixed.threshold, mixed.flips) == (0.5, ("lr", "si"))
+    assert mixed.operating()["threshold_source"] == "option"
+    assert MedicalService.load(with_op, flips=("ap",), **kw).operating()["flips"] == ["ap"]
+    # files without one keep the defaults
+    plain = MedicalService.load(old, **kw)
+    assert (plain.threshold, plain.flips) == (0.3, ("lr",))
+    assert plain.operating()["threshold_source"] == "default"
+    # an ensemble does not take its members' operating points
+    assert MedicalService.load([with_op, old], **kw).operating()["threshold_source"] == "default"
+    # reports say at which threshold / flips their findings were made
+    rep = svc.report_from_findings([], Risk(), study_key="ST-x")
+    d = report_dict(rep)
+    validate_report(d)
+    assert d["model"]["operating_point"] == {"threshold": 0.17, "flips": ["lr", "si"]}
+    assert (
+        "operating_point"
+        not in report_dict(
+            MedicalService(det, use_encoder=False).report_from_findings(
+                [], Risk(), study_key="ST-x"
+            )
+        )["model"]
+    )
+    with pytest.raises(ValueError, match="threshold"):
+        operating_point(1.5, ("lr",), "x")
+    with pytest.raises(ValueError, match="flips"):
+        operating_point(0.2, ("up",), "x")
+
+
+def _spiculated_or_smooth(rng: np.random.Generator, n: int) -> CandidateCase:
+    """``n`` 7 mm nodules (Lung-RADS 3), every other one with spicules: thin dense rays out of
+    the sphere in random directions; a candidate on each."""
+    shape = np.array([40, 40, 40])
+    im = np.full(tuple(shape), 0.05, dtype=np.float32)
+    g = np.stack(np.meshgrid(*(np.arange(s) for s in shape), indexing="ij"), -1).astype(float)
+    centres, spic = [], []
+    for i in range(n):
+        c = np.array([10.0 + 20 * (i % 2), 10.0 + 20 * ((i // 2) % 2), 10.0 + 20 * (i // 4)])
+        c += rng.uniform(-1, 1, size=3)
+        im[np.linalg.norm(g - c, axis=-1) <= 1.8] = 0.6
+        if i % 2:
+            for _ in range(6):
+                u = rng.normal(size=3)
+                u /= np.linalg.norm(u)
+                for t in np.linspace(1.5, 6.0, 12):
+                    q = np.round(c + t * u).astype(int)
+                    im[tuple(np.clip(q, 0, shape - 1))] = 0.55
+        centres.append(c)
+        spic.append(bool(i % 2))
+    vox = np.array(centres)
+    truth = [{"center_mm": (c * 2).tolist(), "mean_diameter_mm": 7.0, "type": "solid"} for c in vox]
+    return CandidateCase(
+        key="spicules",
+        image=im,
+        cand_voxel=vox + rng.uniform(-0.5, 0.5, size=vox.shape),
+        cand_mm=vox * 2,
+        cand_conf=np.full(len(vox), 0.5),
+        cand_label=np.ones(len(vox), dtype=int),
+        truth=truth,
+        truth_voxel=vox,
+        truth_spiculated=np.array(spic),
+    )
+
+
+def test_spiculation_trees_are_chosen_on_validation_and_travel_in_the_file() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    train = [_spiculated_or_smooth(rng, 8) for _ in range(4)]
+    val = [_spiculated_or_smooth(rng, 8) for _ in range(2)]
+    x = extract_patches(val[0].image, val[0].cand_voxel, 16)
+    assert spiculation_features(x).shape == (8, len(SPICULATION_FEATURES))
+    clf = CandidateClassifier(patch=16, channels=(4, 8, 8))  # untrained CNN: ~chance
+    clf.spiculation_model = fit_spiculation_model(train, 16)
+    assert clf.spiculation_model is not None
+    trees_p = np.concatenate(
+        [
+            clf.spiculation_model.predict_proba(
+                spiculation_features(extract_patches(c.image, c.cand_voxel, 16))
+            )[:, 1]
+            for c in val
+        ]
+    )
+    y = np.concatenate([c.truth_spiculated for c in val])
+    assert roc_auc_score(y, trees_p) >= 0.9  # unseen spicules (chance: 0.5)
+    got = choose_spiculation(val, clf)
+    assert got["chosen"] in ("trees", "mean") and got["auc"]["trees"] >= 0.9
+    assert got["lung_rads_3_4_samples"] == 16 and got["true_4x"] == 8
+    assert got["accuracy_3_4"] >= 0.9 and got["predicted_4x"] >= 6
+    assert clf.spiculation_source == got["chosen"]
+    assert clf.spiculation_threshold == got["threshold"]
+    _, p_spic = clf.score(val[0].image, val[0].cand_voxel)
+    marked = p_spic >= clf.spiculation_threshold
+    assert (marked == val[0].truth_spiculated).mean() >= 0.85
+    # threshold, source and trees load back from the file's state
+    back = classifier_from_state(classifier_state(clf))
+    assert (back.spiculation_threshold, back.spiculation_source) == (
+        clf.spiculation_threshold,
+        clf.spiculation_source,
+    )
+    np.testing.assert_allclose(back.score(val[0].image, val[0].cand_voxel)[1], p_spic)
+    # no spiculated nodule on validation: nothing to choose, the classifier unchanged
+    flat = _spiculated_or_smooth(rng, 8)
+    flat.truth_spiculated[:] = False
+    assert choose_spiculation([flat], back)["chosen"] is None
+
+
+def test_operating_point_command_records_any_detector_file(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import apps.medical.train
+    from pipelines.medical import app
+
+    monkeypatch.setattr(apps.medical.train, "native_bf16", lambda: False)
+    root, _ = tiny_export(tmp_path_factory)
+    det = save_detector(_eager_detector(), tmp_path / "det.pt")
+    out = tmp_path / "det_op.pt"
+    runner = CliRunner()
+    args = ["operating-point", "--model", str(det), "--val", str(root), "--out", str(out)]
+    res = runner.invoke(app, [*args, "--flip", "lr", "--fp", "2"])
+    assert res.exit_code == 0, res.output
+    op = torch.load(out, weights_only=False)["operating_point"]
+    assert op["flips"] == ["lr"] and op["fp_per_scan"] == 2.0
+    assert op["threshold"] is not None and 0.0 <= op["threshold"] <= 1.0
+    svc = MedicalService.load(out, use_encoder=False)
+    assert (svc.threshold, svc.flips) == (op["threshold"], ("lr",))
+    assert MedicalService.load(det, use_encoder=False).threshold == 0.3  # source untouched
+    bad = runner.invoke(app, [*args, "--fp", "3"])
+    assert isinstance(bad.exception, UserError) and "--fp" in str(bad.exception)
