@@ -242,6 +242,7 @@ def evaluate_export(
         "cpm": fr["cpm"],
         "operating_threshold": keep_threshold,
         "lung_rads_accuracy": round(lr_ok / k, 4),
+        "lung_rads_4x": lung_rads_4x(per_study),
         "follow_up_accuracy_text": round(fu_text_ok / k, 4),
         "follow_up_accuracy_image_only": round(fu_img_ok / k, 4),
         "fields": fields,
@@ -249,6 +250,17 @@ def evaluate_export(
         "encoder": encoder_name(service.model),
         "topk_picks": summarize_picks(pick_stats),
         "per_study": per_study,
+    }
+
+
+def lung_rads_4x(per_study: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Exams reported 4X (a spiculated category 3/4 nodule), exams 4X by the truth, and both."""
+    got = [r["lung_rads"] == "4X" for r in per_study]
+    want = [r["lung_rads_truth"] == "4X" for r in per_study]
+    return {
+        "reported": sum(got),
+        "truth": sum(want),
+        "both": sum(g and w for g, w in zip(got, want, strict=True)),
     }
 
 

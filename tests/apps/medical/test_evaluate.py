@@ -84,3 +84,12 @@ def test_evaluate_export_with_oracle_detections(tmp_path_factory: pytest.TempPat
     assert r["lung_rads_accuracy"] == 1.0  # calcified truth included: Lung-RADS 1 by rule
     assert r["seconds_per_study"] > 0 and all(s["seconds"] > 0 for s in r["per_study"])
     assert svc.threshold == 0.3  # restored after the low-threshold FROC sweep
+    assert r["lung_rads_4x"]["reported"] == r["lung_rads_4x"]["both"]
+
+
+def test_lung_rads_4x_counts_exams() -> None:
+    from apps.medical.evaluate import lung_rads_4x
+
+    rows = [("4X", "4X"), ("3", "4X"), ("4X", "2"), ("2", "2")]
+    got = lung_rads_4x([{"lung_rads": a, "lung_rads_truth": b} for a, b in rows])
+    assert got == {"reported": 2, "truth": 2, "both": 1}
