@@ -132,15 +132,13 @@ class CandidateClassifier(nn.Module):
         p = torch.sigmoid(self(patches).float()).numpy().astype(float)
         self.train(was)
         shape, spic = None, p[:, 1]
+        feats: np.ndarray | None = None
         if self.spiculation_model is not None and self.spiculation_source != "cnn":
             feats = spiculation_features(patches)  # shape_features first
             trees = self.spiculation_model.predict_proba(feats)[:, 1].astype(float)
             spic = trees if self.spiculation_source == "trees" else (spic + trees) / 2.0
-        else:
-            feats = shape_features(patches) if self.shape_model is not None else None
         if self.shape_model is not None:
-            assert feats is not None
-            x = feats[:, : len(SHAPE_FEATURES)]
+            x = shape_features(patches) if feats is None else feats[:, : len(SHAPE_FEATURES)]
             shape = self.shape_model.predict_proba(x)[:, 1].astype(float)
         return p[:, 0], shape, spic
 
