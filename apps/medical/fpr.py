@@ -592,15 +592,27 @@ def choose_spiculation(
     cases: Sequence[CandidateCase],
     clf: CandidateClassifier,
     thresholds: Sequence[float] = SPICULATION_THRESHOLDS,
+    reported: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Choose on validation ``cases`` what marks a finding spiculated (Lung-RADS 3/4 -> 4X):
     the spiculation output with the best AUC (:data:`SPICULATION_SOURCES`; the trees are dropped
     when the CNN's alone wins) and its threshold: the best accuracy on the candidates that hit a
     nodule of Lung-RADS 3/4 size (where spiculation changes the category; ties: the better
-    balanced accuracy, then the higher threshold). Sets both on ``clf``; returns the numbers."""
+    balanced accuracy, then the higher threshold). Sets both on ``clf``; returns the numbers.
+
+    ``reported``: per case, which candidates the reports show (the operating point): how many
+    of their false positives the choice marks spiculated is returned too (a diagnostic, not a
+    criterion: counted, they make "never spiculated" the most accurate choice, because the
+    trees learn spiculation on nodules only; a false 4X needs a category 3/4-sized one)."""
     from sklearn.metrics import roc_auc_score
 
     x, y, cat34 = spiculation_samples(cases, clf.patch, truth_centred=False)
+    fps = [
+        extract_patches(c.image, c.cand_voxel[(c.cand_label == 0) & r], clf.patch)
+        for c, r in zip(cases, reported or [], strict=False)
+        if ((c.cand_label == 0) & r).any()
+    ]
+    n_fp = sum(len(f) for f in fps)
     if not len(y) or y.all() or not y.any():
         return {"chosen": None, "reason": f"{int(y.sum())} spiculated of {len(y)} on validation"}
     with torch.no_grad():
@@ -616,6 +628,7 @@ def choose_spiculation(
     if source == "cnn":
         clf.spiculation_model = None
     p = outputs[source]
+    p_fp = np.concatenate([_spiculation_of(clf, f) for f in fps]) if fps else np.zeros(0)
     sel = cat34 if cat34.any() and y[cat34].any() and not y[cat34].all() else np.ones_like(y)
     rows = []
     for t in thresholds:
@@ -648,7 +661,20 @@ def choose_spiculation(
         "true_4x": int((y & cat34).sum()),
         "correct_4x": int((f & y & cat34).sum()),
         "spiculated_marked": int(f.sum()),
+        "reported_false_positives": n_fp,
+        "false_positives_marked": int((p_fp >= clf.spiculation_threshold).sum()),
     }
+
+
+def _spiculation_of(clf: CandidateClassifier, patches: torch.Tensor) -> np.ndarray:
+    """p_spiculated of :meth:`CandidateClassifier.score_parts` for ready-cut patches."""
+    with torch.no_grad():
+        clf.eval()
+        spic = torch.sigmoid(clf(patches)[:, 1].float()).numpy().astype(float)
+    if clf.spiculation_model is not None and clf.spiculation_source != "cnn":
+        trees = clf.spiculation_model.predict_proba(spiculation_features(patches))[:, 1]
+        spic = trees if clf.spiculation_source == "trees" else (spic + trees) / 2.0
+    return np.asarray(spic, dtype=float)
 
 
 def fit_shape_model(cases: Sequence[CandidateCase], patch: int = 16, seed: int = 0) -> Any:
@@ -838,7 +864,6 @@ def train_fpr_and_log(
         spiculation: dict[str, Any] = {}
         p_val: list[np.ndarray] | None = None
         if val_cases:  # diagnostics: each classifier alone, combined at every weight
-            spiculation = choose_spiculation(val_cases, clf)
             scored = [clf.score_parts(c.image, c.cand_voxel) for c in val_cases]
             p_val = [s[0] if s[1] is None else (s[0] + s[1]) / 2.0 for s in scored]
             for name, k in (("cnn", 0), ("shape", 1)):
@@ -871,6 +896,14 @@ def train_fpr_and_log(
             fp_per_scan=OPERATING_FP_PER_SCAN if chosen else None,
             sensitivity=chosen["sensitivity_at_1fp"] if chosen else None,
         )
+        if val_cases and p_val is not None:  # spiculation at that operating point
+            reported = None
+            if op["threshold"] is not None:
+                reported = [
+                    combine_scores(c.cand_conf, p, clf.weight) >= op["threshold"]
+                    for c, p in zip(val_cases, p_val, strict=True)
+                ]
+            spiculation = choose_spiculation(val_cases, clf, reported=reported)
         tracking.log_metrics(
             {
                 "mine_seconds": t_mine,

@@ -384,6 +384,14 @@ def test_spiculation_trees_are_chosen_on_validation_and_travel_in_the_file() -> 
         clf.spiculation_source,
     )
     np.testing.assert_allclose(back.score(val[0].image, val[0].cand_voxel)[1], p_spic)
+    # how many false positives the reports show would be marked (a false 4X): counted
+    fp_case = _spiculated_or_smooth(np.random.default_rng(5), 8)
+    fp_case.cand_label[::2] = 0  # the smooth ones: false positives the reports show
+    got = choose_spiculation(
+        [val[1], fp_case], back, reported=[np.zeros(8, bool), fp_case.cand_label == 0]
+    )
+    assert got["reported_false_positives"] == 4 and got["samples"] == 12  # hits only
+    assert got["false_positives_marked"] <= 1  # smooth spheres: not spiculated
     # no spiculated nodule on validation: nothing to choose, the classifier unchanged
     flat = _spiculated_or_smooth(rng, 8)
     flat.truth_spiculated[:] = False
