@@ -21,6 +21,10 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "vigil-home"
     monkeypatch.setenv("VIGIL_HOME", str(home))
     monkeypatch.delenv("VIGIL_KAFKA_BOOTSTRAP", raising=False)
+    # mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI (for subprocesses): a test that
+    # logs without the mlflow_store fixture must not leave its store to the next tests. Empty
+    # reads as unset (Vigil's settings and MLflow alike) and is undone after the test.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     return home
 
 
