@@ -149,15 +149,10 @@ def evaluate_export(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the service over every study of a phantom export with truth; return all metrics."""
-    from apps.medical.pacs import load_study_volumes, read_clinical_text, scan_folder
-    from apps.medical.phantom import load_truth
+    from apps.medical.pacs import load_study_volumes, read_clinical_text
+    from apps.medical.phantom import load_export
 
-    data_dir = Path(data_dir)
-    truths = load_truth(data_dir / "truth")
-    if not truths:
-        raise FileNotFoundError(f"no truth files under {data_dir / 'truth'}")
-    scan = scan_folder(data_dir / "pacs")
-    studies = [s for s in scan.studies.values() if s.uid in truths]
+    truths, scan, studies = load_export(data_dir)
     sp = service.model.spacing_mm
     keep_threshold = service.threshold
     scans, per_study = [], []

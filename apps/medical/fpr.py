@@ -352,20 +352,10 @@ def mine_candidates(
     export with truth, at :data:`CANDIDATE_THRESHOLD`; cached per study in ``cache_dir``."""
     from apps.medical.evaluate import truth_spiculated
     from apps.medical.model import preprocess
-    from apps.medical.pacs import (
-        load_study_volumes,
-        read_clinical_text,
-        scan_folder,
-        world_to_voxel,
-    )
-    from apps.medical.phantom import load_truth
+    from apps.medical.pacs import load_study_volumes, read_clinical_text, world_to_voxel
+    from apps.medical.phantom import load_export
 
-    data_dir = Path(data_dir)
-    truths = load_truth(data_dir / "truth")
-    if not truths:
-        raise FileNotFoundError(f"no truth files under {data_dir / 'truth'}")
-    scan = scan_folder(data_dir / "pacs")
-    studies = [s for s in scan.studies.values() if s.uid in truths]
+    truths, scan, studies = load_export(data_dir)
     sp = service.model.spacing_mm
     cases: list[CandidateCase] = []
     keep = service.threshold, service.fpr

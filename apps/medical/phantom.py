@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from pydicom import Dataset
 
     from apps.medical.lidc import LidcStats, NoduleRecord
+    from apps.medical.pacs import ScanResult, Study
 
 TRUTH_SCHEMA = "vigil.medical.truth/1"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -1354,6 +1355,23 @@ def load_truth(truth_dir: Path) -> dict[str, dict[str, Any]]:
         if t.get("schema") == TRUTH_SCHEMA:
             out[t["study_instance_uid"]] = t
     return out
+
+
+def load_export(data_dir: Path | str) -> tuple[dict[str, dict[str, Any]], ScanResult, list[Study]]:
+    """A phantom export (``pacs/`` + ``truth/``): its truth by Study Instance UID, the scan of
+    ``pacs/`` and the scanned studies that have truth (scan order). Raises
+    ``FileNotFoundError`` for a folder that is not one or has no truth files."""
+    from apps.medical.pacs import scan_folder
+
+    data_dir = Path(data_dir)
+    pacs, truth_dir = data_dir / "pacs", data_dir / "truth"
+    if not pacs.is_dir() or not truth_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir} needs pacs/ and truth/ (a phantom export)")
+    truths = load_truth(truth_dir)
+    if not truths:
+        raise FileNotFoundError(f"no truth files under {truth_dir}")
+    scan = scan_folder(pacs)
+    return truths, scan, [s for s in scan.studies.values() if s.uid in truths]
 
 
 # ================================================================== edge cases

@@ -154,19 +154,14 @@ def load_cases(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[CaseData]:
     """Ingest (or read the cache of) every study of an export that has a truth file."""
-    from apps.medical.pacs import load_study_volumes, read_clinical_text, scan_folder
-    from apps.medical.phantom import load_truth
+    from apps.medical.pacs import load_study_volumes, read_clinical_text
+    from apps.medical.phantom import load_export
 
     data_dir = Path(data_dir)
-    pacs, truth_dir = data_dir / "pacs", data_dir / "truth"
-    if not pacs.is_dir() or not truth_dir.is_dir():
-        raise FileNotFoundError(f"{data_dir} needs pacs/ and truth/ (a phantom export)")
-    truths = load_truth(truth_dir)
+    truths, scan, studies = load_export(data_dir)
     cache = data_dir / "cache" / f"sp{spacing_mm:g}"
     cache.mkdir(parents=True, exist_ok=True)
-    scan = scan_folder(pacs)
     cases: list[CaseData] = []
-    studies = [s for s in scan.studies.values() if s.uid in truths]
     for n, study in enumerate(studies, 1):
         f = cache / f"{study.key}.npz"
         hard = None
