@@ -32,6 +32,25 @@ log = logging.getLogger(__name__)
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
+def match_to_truth(
+    cand_mm: Any, truth: Sequence[dict[str, Any]], min_hit_mm: float = 4.0
+) -> np.ndarray:
+    """Per candidate centre (mm): the index of the nearest truth nodule whose hit radius (half
+    its mean diameter, at least ``min_hit_mm``) holds it, else -1 — the FROC's matching."""
+    cand_mm = np.asarray(cand_mm, dtype=float).reshape(-1, 3)
+    hits = np.full(len(cand_mm), -1, dtype=int)
+    if not len(truth):
+        return hits
+    centres = np.array([t["center_mm"] for t in truth], dtype=float).reshape(-1, 3)
+    radii = np.array([max(t["mean_diameter_mm"] / 2, min_hit_mm) for t in truth])
+    for i, c in enumerate(cand_mm):
+        dist = np.linalg.norm(centres - c, axis=1)
+        hit = np.flatnonzero(dist <= radii)
+        if len(hit):
+            hits[i] = hit[np.argmin(dist[hit])]
+    return hits
+
+
 def froc(
     scans: Sequence[tuple[Sequence[dict[str, Any]], Sequence[dict[str, Any]]]],
     min_size_mm: float = 4.0,
@@ -43,22 +62,14 @@ def froc(
     events: list[tuple[float, int, int]] = []  # (confidence, scan, target id or -1 FP / -2 ignore)
     n_targets = 0
     for s, (cands, truth) in enumerate(scans):
-        t_centres = np.array([t["center_mm"] for t in truth], dtype=float).reshape(-1, 3)
-        radii = np.array([max(t["mean_diameter_mm"] / 2, min_hit_mm) for t in truth])
         relevant = np.array([t["mean_diameter_mm"] >= min_size_mm for t in truth], dtype=bool)
         ids = np.cumsum(relevant) - 1 + n_targets
         n_targets += int(relevant.sum())
-        for c in cands:
-            dist = (
-                np.linalg.norm(t_centres - np.asarray(c["center_mm"]), axis=1)
-                if len(truth)
-                else np.array([])
-            )
-            hit = np.flatnonzero(dist <= radii) if len(truth) else np.array([], dtype=int)
-            if len(hit) == 0:
+        hits = match_to_truth([c["center_mm"] for c in cands], truth, min_hit_mm)
+        for c, best in zip(cands, hits, strict=True):
+            if best < 0:
                 events.append((float(c["confidence"]), s, -1))
                 continue
-            best = hit[np.argmin(dist[hit])]
             events.append((float(c["confidence"]), s, int(ids[best]) if relevant[best] else -2))
     events.sort(key=lambda e: -e[0])
     n_scans = max(len(scans), 1)

@@ -327,18 +327,14 @@ def label_candidates(
 ) -> np.ndarray:
     """1 / 0 / -1 per candidate, matched as the FROC matches (within the nodule's radius,
     floored at 4 mm; the nearest hit nodule decides; a hit on a nodule < ``min_size_mm`` is -1)."""
-    cand_mm = np.asarray(cand_mm, dtype=float).reshape(-1, 3)
-    if not len(truth):
-        return np.zeros(len(cand_mm), dtype=int)
-    centres = np.array([t["center_mm"] for t in truth], dtype=float)
-    radii = np.array([max(t["mean_diameter_mm"] / 2, 4.0) for t in truth])
-    big = np.array([t["mean_diameter_mm"] >= min_size_mm for t in truth])
-    labels = np.zeros(len(cand_mm), dtype=int)
-    for i, c in enumerate(cand_mm):
-        d = np.linalg.norm(centres - c, axis=1)
-        hit = np.flatnonzero(d <= radii)
-        if len(hit):
-            labels[i] = 1 if big[hit[np.argmin(d[hit])]] else -1
+    from apps.medical.evaluate import match_to_truth
+
+    hits = match_to_truth(cand_mm, truth)
+    big = np.array([t["mean_diameter_mm"] >= min_size_mm for t in truth], dtype=bool)
+    labels = np.zeros(len(hits), dtype=int)
+    for i, best in enumerate(hits):
+        if best >= 0:
+            labels[i] = 1 if big[best] else -1
     return labels
 
 
