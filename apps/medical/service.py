@@ -95,6 +95,16 @@ class StudyReport:
     picks_voxel: list[list[float]] = field(default_factory=list)  # token model's top-k picks
 
 
+def check_operating(threshold: float | None, flips: Sequence[str]) -> None:
+    """A ``ValueError`` naming what is wrong with TTA ``flips`` or a reporting ``threshold``
+    (``None``: not given)."""
+    bad = [f for f in flips if f not in FLIPS]
+    if bad:
+        raise ValueError(f"flips must be among {', '.join(FLIPS)}, got {bad}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+
+
 def operating_point(
     threshold: float | None,
     flips: Sequence[str],
@@ -106,11 +116,7 @@ def operating_point(
     at ``fp_per_scan`` false positives per scan on the export named in ``source``) and the TTA
     ``flips`` it was chosen with; :meth:`MedicalService.load` uses both unless told otherwise
     (``threshold`` None: flips only)."""
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    bad = [f for f in flips if f not in FLIPS]
-    if bad:
-        raise ValueError(f"flips must be among {', '.join(FLIPS)}, got {bad}")
+    check_operating(threshold, flips)
     return {
         "threshold": None if threshold is None else round(float(threshold), 6),
         "flips": list(flips),
@@ -153,11 +159,7 @@ def save_detector(
 def record_operating_point(source: Path | str, out: Path | str, op: dict[str, Any]) -> Path:
     """Copy the detector file ``source`` to ``out`` with ``op`` (:func:`operating_point`) as
     its operating point (``out`` may be ``source``: rewritten in place)."""
-    from pipelines.errors import UserError
-
-    state = torch.load(str(source), map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-        raise UserError(f"{source} is not a Vigil medical detector file")
+    state = _read_state(source)
     state["operating_point"] = dict(op)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,11 +239,7 @@ class MedicalService:
         flips: Sequence[str] = DEFAULT_FLIPS,
         fpr: CandidateClassifier | None = None,
     ) -> None:
-        bad = [f for f in flips if f not in FLIPS]
-        if bad:
-            raise ValueError(f"flips must be among {', '.join(FLIPS)}, got {bad}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        check_operating(threshold, flips)
         if min_diameter_mm < 0:
             raise ValueError("min_diameter_mm must be >= 0")
         self.model = model.eval()
@@ -306,16 +304,12 @@ class MedicalService:
         else:
             model, info = cls._load_ensemble(sources)
         picked = {
-            "threshold": (threshold, "option")
-            if threshold is not None
-            else (op["threshold"], "model file")
-            if op.get("threshold") is not None
-            else (DEFAULT_THRESHOLD, "default"),
-            "flips": (tuple(flips), "option")
-            if flips is not None
-            else (tuple(op["flips"]), "model file")
-            if op.get("flips") is not None
-            else (DEFAULT_FLIPS, "default"),
+            "threshold": _pick(threshold, op.get("threshold"), DEFAULT_THRESHOLD),
+            "flips": _pick(
+                None if flips is None else tuple(flips),
+                None if op.get("flips") is None else tuple(op["flips"]),
+                DEFAULT_FLIPS,
+            ),
         }
         svc = cls(model, info, threshold=picked["threshold"][0], flips=picked["flips"][0], **kw)
         svc.operating_sources = {k: v[1] for k, v in picked.items()}
@@ -613,6 +607,27 @@ class MedicalService:
         return rep
 
 
+def _pick(given: Any, recorded: Any, default: Any) -> tuple[Any, str]:
+    """An operating-point value and where it came from: the caller's (``option``), else the
+    model file's (``model file``), else ``default``."""
+    if given is not None:
+        return given, "option"
+    if recorded is not None:
+        return recorded, "model file"
+    return default, "default"
+
+
+def _read_state(source: str | Path) -> dict[str, Any]:
+    """The contents of a detector state file (:func:`save_detector`); a ``UserError`` for a
+    file that is not one."""
+    from pipelines.errors import UserError
+
+    state = torch.load(str(source), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise UserError(f"{source} is not a Vigil medical detector file")
+    return state
+
+
 def _load_detector(
     source: str | Path | None,
 ) -> tuple[Detector, dict[str, Any], CandidateClassifier | None]:
@@ -622,9 +637,7 @@ def _load_detector(
     from pipelines.errors import UserError
 
     if source is not None and Path(str(source)).is_file():
-        state = torch.load(str(source), map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-            raise UserError(f"{source} is not a Vigil medical detector file")
+        state = _read_state(source)
         from apps.medical.ensemble import detector_from_args
 
         model = detector_from_args(state["args"])  # old files have no "encoder": attention3d
