@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -248,6 +249,31 @@ def check_model_source(source: str, option: str = "--model") -> None:
         raise UserError(f"{option} {source!r}: no such file (or give a models:/ or runs:/ URI)")
 
 
+def check_export(data: Path) -> None:
+    """A phantom export (``pacs/`` + ``truth/``) or a clear error."""
+    if not (data / "pacs").is_dir() or not (data / "truth").is_dir():
+        raise UserError(
+            f"{data} is not a phantom export (needs pacs/ and truth/): run `vigil medical synth`"
+        )
+
+
+def check_flips(flip: Sequence[str] | None) -> None:
+    """``--flip`` values are TTA axes the service knows, or a clear error."""
+    from apps.medical.service import FLIPS
+
+    bad = [f for f in flip or [] if f not in FLIPS]
+    if bad:
+        raise UserError(f"--flip must be among {', '.join(FLIPS)}, got {', '.join(bad)}")
+
+
+def set_threads(n: int | None) -> None:
+    """``--threads``: torch's CPU threads in this process (unset: torch's default)."""
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------- ensemble
 @app.command("ensemble")
 def ensemble(
@@ -295,14 +321,10 @@ def operating_point_cmd(
 
     if not Path(model).is_file():
         raise UserError(f"--model {model!r}: no such file (a detector state file)")
-    if not (val / "pacs").is_dir() or not (val / "truth").is_dir():
-        raise UserError(f"{val} is not a phantom export (needs pacs/ and truth/)")
+    check_export(val)
     if fp not in FP_RATES:
         raise UserError(f"--fp must be one of {', '.join(f'{r:g}' for r in FP_RATES)}, got {fp}")
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     try:
         svc = MedicalService.load(model, flips=tuple(flip) if flip else None)
     except ValueError as exc:  # e.g. an unknown --flip
@@ -371,22 +393,16 @@ def train_fpr(
     from rich.progress import Progress
 
     from apps.medical.fpr import FprConfig, train_fpr_and_log
-    from apps.medical.service import DEFAULT_FLIPS, FLIPS
+    from apps.medical.service import DEFAULT_FLIPS
 
     check_model_source(model)
     for d in [*data, *([val] if val is not None else [])]:
-        if not (d / "pacs").is_dir() or not (d / "truth").is_dir():
-            raise UserError(f"{d} is not a phantom export (needs pacs/ and truth/)")
+        check_export(d)
+    check_flips(flip)
     flips = tuple(flip) if flip else DEFAULT_FLIPS
-    bad = [f for f in flips if f not in FLIPS]
-    if bad:
-        raise UserError(f"--flip must be among {', '.join(FLIPS)}, got {', '.join(bad)}")
     if patch % 4:
         raise UserError(f"--patch must be a multiple of 4, got {patch}")
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     cfg = FprConfig(steps=steps, patch=patch, seed=seed)
     with Progress() as prog:
         task = prog.add_task("candidates", total=None)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pipelines.errors import UserError
-from pipelines.medical import check_model_source
+from pipelines.medical import check_export, check_flips, check_model_source, set_threads
 
 if TYPE_CHECKING:
     from pipelines.demo import DemoContext
@@ -23,20 +23,6 @@ THREADS_HELP = (
     "Torch CPU threads (default: torch's choice). On a busy machine 1 is fastest: OpenMP "
     "threads spin waiting for each other when another process holds a core."
 )
-
-
-def _threads(n: int | None) -> None:
-    if n is not None:
-        import torch
-
-        torch.set_num_threads(n)
-
-
-def _need_export(data: Path) -> None:
-    if not (data / "pacs").is_dir() or not (data / "truth").is_dir():
-        raise UserError(
-            f"{data} is not a phantom export (needs pacs/ and truth/): run `vigil medical synth`"
-        )
 
 
 def train(
@@ -65,8 +51,8 @@ def train(
 
     from apps.medical.train import TrainConfig, train_and_log
 
-    _need_export(data)
-    _threads(threads)
+    check_export(data)
+    set_threads(threads)
     try:
         cfg = TrainConfig(
             steps=steps,
@@ -153,11 +139,7 @@ def batch(
     check_engine_options(engine, ray_address)
     if model is not None:
         check_model_source(model)
-    from apps.medical.service import FLIPS
-
-    bad = [f for f in flip or [] if f not in FLIPS]
-    if bad:
-        raise UserError(f"--flip must be among {', '.join(FLIPS)}, got {', '.join(bad)}")
+    check_flips(flip)
     service_kw: dict[str, Any] = {}  # unset: the model file's operating point
     if threshold is not None:
         service_kw["threshold"] = threshold
@@ -235,8 +217,8 @@ def evaluate(
     from apps.medical.evaluate import ablation_row, evaluate_export
     from apps.medical.service import MedicalService
 
-    _need_export(data)
-    _threads(threads)
+    check_export(data)
+    set_threads(threads)
     for m in [*(model or []), *([ablation] if ablation is not None else [])]:
         check_model_source(m, option="model")
     flips = tuple(flip) if flip else None  # None: the model file's, else the default
