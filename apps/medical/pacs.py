@@ -252,8 +252,17 @@ class ScanResult:
 
 # ================================================================== scanning
 def _iter_files(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted. Symlinked folders are followed (a research cohort is
+    often assembled from links into the PACS export); a folder reached twice through links is
+    walked once, so a link loop cannot hang the scan."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
             out.append(Path(dirpath) / name)

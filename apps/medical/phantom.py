@@ -19,6 +19,7 @@ adds the broken and unusual inputs real exports contain, each with the reason in
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -1366,12 +1367,22 @@ def load_export(data_dir: Path | str) -> tuple[dict[str, dict[str, Any]], ScanRe
     data_dir = Path(data_dir)
     pacs, truth_dir = data_dir / "pacs", data_dir / "truth"
     if not pacs.is_dir() or not truth_dir.is_dir():
-        raise FileNotFoundError(f"{data_dir} needs pacs/ and truth/ (a phantom export)")
+        raise FileNotFoundError(
+            errno.ENOENT, "needs pacs/ and truth/ (a phantom export)", str(data_dir)
+        )
     truths = load_truth(truth_dir)
     if not truths:
-        raise FileNotFoundError(f"no truth files under {truth_dir}")
+        raise FileNotFoundError(errno.ENOENT, "no truth files (*.json)", str(truth_dir))
     scan = scan_folder(pacs)
-    return truths, scan, [s for s in scan.studies.values() if s.uid in truths]
+    studies = [s for s in scan.studies.values() if s.uid in truths]
+    if not studies:
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"none of its {len(scan.studies)} studies has one of the {len(truths)} truth files"
+            f" in {truth_dir}: nothing to evaluate or train on",
+            str(pacs),
+        )
+    return truths, scan, studies
 
 
 # ================================================================== edge cases

@@ -100,3 +100,33 @@ def test_subsolid_share_sets_the_type_mix() -> None:
     solid = [n["type"] for i in range(2) for n in phantom.synth_study(4, i, replace(cfg, subsolid_share=0.0)).truth["nodules"]]  # fmt: skip
     assert rich and all(t != "solid" for t in rich)
     assert solid and all(t == "solid" for t in solid)
+
+
+def test_load_export_follows_linked_studies_and_names_a_truth_mismatch(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """A cohort assembled from symlinks into an export is read like the export; an export whose
+    studies have no truth file is an error that names the folder, not an empty evaluation."""
+    import errno
+    import os
+
+    from tests.apps.medical.test_service import tiny_export
+
+    src, truths = tiny_export(tmp_path_factory)
+    cohort = tmp_path / "cohort"
+    (cohort / "pacs").mkdir(parents=True)
+    for study in sorted((src / "pacs").iterdir()):
+        os.symlink(study.resolve(), cohort / "pacs" / study.name)
+    os.symlink(src.resolve() / "truth", cohort / "truth")
+    os.symlink(cohort / "pacs", cohort / "pacs" / "loop")  # a link loop must not hang the scan
+    _, scan, studies = phantom.load_export(cohort)
+    _, scan_src, studies_src = phantom.load_export(src)
+    assert sorted(s.uid for s in studies) == sorted(t["study_instance_uid"] for t in truths)
+    assert scan.n_files == scan_src.n_files and len(studies) == len(studies_src) == 2
+
+    other = tmp_path / "other"
+    (other / "pacs").mkdir(parents=True)
+    os.symlink(src.resolve() / "truth", other / "truth")
+    with pytest.raises(FileNotFoundError, match="none of its 0 studies") as err:
+        phantom.load_export(other)
+    assert err.value.errno == errno.ENOENT and err.value.filename == str(other / "pacs")
