@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -203,7 +204,14 @@ def run_batch(
     (out_dir / "quarantine").mkdir(exist_ok=True)
     t0 = time.perf_counter()
     scan = scan_folder(pacs_dir)
-    scan.write_issues(out_dir / "quarantine" / "scan_issues.jsonl")
+    issues = scan.write_issues(out_dir / "quarantine" / "scan_issues.jsonl")
+    if not scan.studies:  # a wrong path, not "nothing new": say so instead of an empty run
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"no DICOM study found ({scan.n_files} files looked at; the unusable ones are listed"
+            f" in {issues})",
+            str(pacs_dir),
+        )
     manifest = load_manifest(out_dir)
     todo: list[tuple[Study, str]] = []
     result = BatchResult(out_dir)
@@ -312,6 +320,7 @@ def _log_run(
                 **{f"failures_{k}": v for k, v in reasons.items()},
             }
         )
-        tracking.log_artifact(out_dir / "manifest.json")
+        if (out_dir / "manifest.json").exists():
+            tracking.log_artifact(out_dir / "manifest.json")
         tracking.log_artifact(out_dir / "batch_summary.json")
         return str(run.info.run_id)

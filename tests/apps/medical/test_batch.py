@@ -171,3 +171,16 @@ def test_bad_arguments(tmp_path: Path) -> None:
         run_batch(tmp_path, tmp_path / "o", engine="spark")
     with pytest.raises(FileNotFoundError):
         run_batch(tmp_path / "missing", tmp_path / "o")
+
+
+def test_a_folder_without_dicom_studies_is_an_error_that_names_it(tmp_path: Path) -> None:
+    """A wrong path (no study at all) is reported as such, with the scan's issue list, instead
+    of an empty run (the MLflow step then failed on a manifest that was never written)."""
+    pacs = tmp_path / "export"
+    pacs.mkdir()
+    (pacs / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=r"no DICOM study found \(1 files") as err:
+        run_batch(pacs, tmp_path / "o")
+    assert err.value.filename == str(pacs)
+    issues = (tmp_path / "o" / "quarantine" / "scan_issues.jsonl").read_text()
+    assert "notes.txt" in issues
