@@ -26,7 +26,10 @@ THREADS_HELP = (
 
 
 def train(
-    data: Annotated[Path, typer.Option(help="Phantom export folder (pacs/ + truth/).")],
+    data: Annotated[
+        list[Path],
+        typer.Option(help="Phantom export folder (pacs/ + truth/); repeat it to train on several."),
+    ],
     out: Annotated[Path, typer.Option(help="Where to save the detector state file.")] = Path(
         ".vigil/medical/detector.pt"
     ),
@@ -45,13 +48,30 @@ def train(
         ),
     ] = "attention3d",
     device: Annotated[str, typer.Option(help="Torch device to train on (cpu, cuda).")] = "cpu",
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue training this detector (state file or MLflow URI; its architecture "
+            "wins over --encoder): fine-tune on more exports, with a smaller --lr. A "
+            "second-stage classifier in it is dropped: run train-fpr again."
+        ),
+    ] = None,
 ) -> None:
-    """Train the nodule detector on a phantom export; log to MLflow and register the champion."""
+    """Train the nodule detector on phantom exports; log to MLflow and register the champion."""
     from rich.progress import Progress
 
     from apps.medical.train import TrainConfig, train_and_log
 
-    check_export(data)
+    for d in data:
+        check_export(d)
+    if init is not None:
+        from apps.medical.train import initial_detector
+
+        check_model_source(init, option="--init")
+        try:
+            initial_detector(init)
+        except ValueError as exc:  # e.g. an ensemble file
+            raise UserError(str(exc)) from None
     set_threads(threads)
     try:
         cfg = TrainConfig(
@@ -76,7 +96,7 @@ def train(
         def cb(step: int, rec: dict[str, float]) -> None:
             prog.update(task, completed=step, description=f"training loss {rec['total']:.3f}")
 
-        summary = train_and_log(data, cfg, out_path=out, register=register, progress=cb)
+        summary = train_and_log(data, cfg, out_path=out, register=register, progress=cb, init=init)
     typer.echo(json.dumps(summary, indent=1))
 
 

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -392,23 +392,49 @@ def mine_false_positives(
     return total
 
 
+def initial_detector(source: str | Path) -> NoduleDetector:
+    """The detector of a state file or MLflow URI, to continue training from (``--init``).
+    Ensembles are refused (train each member); a second-stage classifier in the file is not
+    carried over (it was fitted to the old detector's candidates: run train-fpr again)."""
+    from apps.medical.ensemble import DetectorEnsemble
+    from apps.medical.service import _load_detector
+
+    model, _, fpr = _load_detector(source)
+    if isinstance(model, DetectorEnsemble):
+        raise ValueError(f"{source} is an ensemble: --init takes one detector")
+    if fpr is not None:
+        log.warning("%s: its second-stage classifier is dropped (run train-fpr again)", source)
+    return model
+
+
 def train_and_log(
-    data_dir: Path | str,
+    data_dir: Path | str | Sequence[Path | str],
     cfg: TrainConfig = TrainConfig(),
     out_path: Path | str | None = None,
     register: bool = True,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Load the export, train, save ``out_path`` (a state file) and log/register in MLflow."""
+    """Load the export(s), train (from ``init``'s weights when given: fine-tuning; its
+    architecture then wins over ``cfg.encoder``/``cfg.channels``), save ``out_path`` (a state
+    file) and log/register in MLflow."""
     from core import tracking
 
+    dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir)
+    start = initial_detector(init) if init is not None else None
     t0 = time.perf_counter()
-    cases = load_cases(data_dir, cfg.spacing_mm)
+    cases = [c for d in dirs for c in load_cases(d, cfg.spacing_mm)]
     t_load = time.perf_counter() - t0
-    params = {**asdict(cfg), "n_cases": len(cases), "n_nodules": sum(len(c.nodules) for c in cases)}
+    params = {
+        **asdict(cfg),
+        "data": ",".join(map(str, dirs)),
+        "init": str(init) if init is not None else None,
+        "n_cases": len(cases),
+        "n_nodules": sum(len(c.nodules) for c in cases),
+    }
     with tracking.start_run("medical", run_name="train-detector", params=params) as run:
         t1 = time.perf_counter()
-        model, history = train_detector(cases, cfg, progress)
+        model, history = train_detector(cases, cfg, progress, init=start)
         t_train = time.perf_counter() - t1
         for i in range(0, len(history), max(1, len(history) // 50)):
             tracking.log_metrics({f"loss_{k}": v for k, v in history[i].items()}, step=i)
