@@ -193,7 +193,13 @@ def batch(
 
 
 def evaluate(
-    data: Annotated[Path, typer.Option(help="Held-out phantom export (pacs/ + truth/).")],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            help="Held-out phantom export (pacs/ + truth/); repeat it to pool several into one "
+            "FROC (JSON key `exports` then has each one's own)."
+        ),
+    ],
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write metrics JSON here.")
     ] = None,
@@ -234,10 +240,11 @@ def evaluate(
 ) -> None:
     """FROC (0.125-8 FP/scan) and CPM, Lung-RADS accuracy, follow-up accuracy with/without text,
     seconds per study; with --ablation, the same for a second model side by side."""
-    from apps.medical.evaluate import ablation_row, evaluate_export
+    from apps.medical.evaluate import ExportOverlap, ablation_row, evaluate_export
     from apps.medical.service import MedicalService
 
-    check_export(data)
+    for d in data:
+        check_export(d)
     set_threads(threads)
     for m in [*(model or []), *([ablation] if ablation is not None else [])]:
         check_model_source(m, option="model")
@@ -246,7 +253,10 @@ def evaluate(
         svc = MedicalService.load(model or None, tta=tta, threshold=threshold, flips=flips)
     except ValueError as exc:  # e.g. an unknown --flip
         raise UserError(str(exc)) from None
-    res = evaluate_export(data, svc)
+    try:
+        res = evaluate_export(data, svc)
+    except ExportOverlap as exc:  # the same study in two --data exports
+        raise UserError(str(exc)) from None
     res["tta"] = tta
     res["flips"] = list(svc.flips) if tta else []
     res["operating_point"] = svc.operating()
@@ -267,7 +277,7 @@ def evaluate(
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"ablation on {data} ({res['n_studies']} studies)")
+        table = Table(title=f"ablation on {', '.join(map(str, data))} ({res['n_studies']} studies)")
         for col in ("model", "encoder", "sens @ 1 FP/scan", "CPM", "s / study", "picks near"):
             table.add_column(col)
         for row in res["ablation"]:

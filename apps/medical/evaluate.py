@@ -152,18 +152,34 @@ def _match(
     return pairs
 
 
+class ExportOverlap(ValueError):
+    """The same study is in two of the exports given to :func:`evaluate_export`."""
+
+
 def evaluate_export(
-    data_dir: Path | str,
+    data_dir: Path | str | Sequence[Path | str],
     service: Any,
     min_size_mm: float = 4.0,
     min_hit_mm: float = 4.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the service over every study of a phantom export with truth; return all metrics."""
+    """Run the service over every study of a phantom export with truth (or of several, pooled:
+    one FROC over all their scans, plus ``exports``: each one's own); return all metrics.
+    A study found in two of the exports is an error (it would count twice)."""
     from apps.medical.pacs import load_study_volumes, read_clinical_text
     from apps.medical.phantom import load_export
 
-    truths, scan, studies = load_export(data_dir)
+    dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir)
+    work: list[tuple[int, dict[str, Any], Any, Any]] = []  # (export, truth, scan, study)
+    where: dict[str, Path | str] = {}
+    for i, d in enumerate(dirs):
+        truths_i, scan_i, studies_i = load_export(d)
+        for st in studies_i:
+            if st.uid in where:
+                raise ExportOverlap(f"study {st.key} is in both {where[st.uid]} and {d}")
+            where[st.uid] = d
+            work.append((i, truths_i[st.uid], scan_i, st))
+    export_of: list[int] = []  # per evaluated scan
     sp = service.model.spacing_mm
     keep_threshold = service.threshold
     scans, per_study = [], []
@@ -172,9 +188,8 @@ def evaluate_export(
     n_eval = 0
     seconds: list[float] = []
     pick_stats: list[tuple[int, int, float]] = []
-    for n, study in enumerate(studies, 1):
+    for n, (export, truth, scan, study) in enumerate(work, 1):
         t0 = time.perf_counter()
-        truth = truths[study.uid]
         vols = load_study_volumes(study, spacing=(sp, sp, sp))
         if not vols:
             log.warning("study %s: no volume", study.key)
@@ -186,6 +201,7 @@ def evaluate_export(
         finally:
             service.threshold = keep_threshold
         scans.append((cands, truth["nodules"]))
+        export_of.append(export)
         if picks:
             pick_stats.append(pick_overlap(vols[0], picks, truth["nodules"]))
         found = [c for c in cands if c["confidence"] >= keep_threshold]
@@ -206,6 +222,7 @@ def evaluate_export(
         per_study.append(
             {
                 "study_key": study.key,
+                **({"data": str(dirs[export])} if len(dirs) > 1 else {}),
                 "n_truth": len(truth["nodules"]),
                 "n_found": len(found),
                 "lung_rads": rep_t.lung_rads.category,
@@ -217,8 +234,22 @@ def evaluate_export(
             }
         )
         if progress is not None:
-            progress(n, len(studies))
+            progress(n, len(work))
     fr = froc(scans, min_size_mm=min_size_mm, min_hit_mm=min_hit_mm)
+    exports = []
+    if len(dirs) > 1:  # each export's own FROC next to the pooled one
+        for i, d in enumerate(dirs):
+            own = [sc for sc, e in zip(scans, export_of, strict=True) if e == i]
+            f_i = froc(own, min_size_mm=min_size_mm, min_hit_mm=min_hit_mm)
+            exports.append(
+                {
+                    "data": str(d),
+                    "n_studies": len(own),
+                    "n_targets": f_i["n_targets"],
+                    "sensitivity_at_1fp": f_i["sensitivity_at_fp"]["1.0"],
+                    "cpm": f_i["cpm"],
+                }
+            )
     k = max(n_eval, 1)
     scored = [(f, t) for f, t in matched if f.get("spiculation_probability") is not None]
     fields = {
@@ -255,6 +286,8 @@ def evaluate_export(
         "seconds_per_study": round(float(np.mean(seconds)), 3) if seconds else None,
         "encoder": encoder_name(service.model),
         "topk_picks": summarize_picks(pick_stats),
+        "data": [str(d) for d in dirs],
+        **({"exports": exports} if exports else {}),
         "per_study": per_study,
     }
 

@@ -93,3 +93,47 @@ def test_lung_rads_4x_counts_exams() -> None:
     rows = [("4X", "4X"), ("3", "4X"), ("4X", "2"), ("2", "2")]
     got = lung_rads_4x([{"lung_rads": a, "lung_rads_truth": b} for a, b in rows])
     assert got == {"reported": 2, "truth": 2, "both": 1}
+
+
+class _BlindOnOne(_OracleService):
+    """The oracle, except that it finds nothing in one study (``blind`` study key)."""
+
+    blind = ""
+
+    def detect_with_picks(
+        self, volume: Any, text: str | None = None
+    ) -> tuple[list[dict[str, Any]], Any, list[list[float]]]:
+        found, heat, picks = super().detect_with_picks(volume, text)
+        return ([] if volume.study_key == self.blind else found), heat, picks
+
+
+def test_several_exports_pool_into_one_froc_and_each_keeps_its_own(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Any
+) -> None:
+    import os
+
+    from apps.medical.evaluate import ExportOverlap
+
+    root, truths = tiny_export(tmp_path_factory)
+    parts = []
+    for patient in sorted((root / "pacs").iterdir()):  # one study per export (linked)
+        d = tmp_path / patient.name
+        (d / "pacs").mkdir(parents=True)
+        os.symlink(patient.resolve(), d / "pacs" / patient.name)
+        os.symlink((root / "truth").resolve(), d / "truth")
+        parts.append(d)
+    svc = _BlindOnOne({t["study_instance_uid"]: t for t in truths})
+    whole = evaluate_export(root, svc)
+    svc.blind = whole["per_study"][0]["study_key"]
+    whole = evaluate_export(root, svc)
+    pooled = evaluate_export(parts, svc)
+    assert pooled["n_studies"] == 2 and pooled["froc"]["n_targets"] == whole["froc"]["n_targets"]
+    assert pooled["sensitivity_at_1fp"] == whole["sensitivity_at_1fp"] < 1.0
+    own = {e["data"]: e for e in pooled["exports"]}
+    blind_part = next(r["data"] for r in pooled["per_study"] if r["study_key"] == svc.blind)
+    seen_part = next(str(p) for p in parts if str(p) != blind_part)
+    assert own[blind_part]["sensitivity_at_1fp"] == 0.0 and own[seen_part]["cpm"] == 1.0
+    assert sum(e["n_targets"] for e in pooled["exports"]) == pooled["froc"]["n_targets"]
+    assert "exports" not in whole and pooled["data"] == [str(p) for p in parts]
+    with pytest.raises(ExportOverlap, match="is in both"):
+        evaluate_export([root, parts[0]], svc)
