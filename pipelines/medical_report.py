@@ -60,18 +60,12 @@ def train(
     """Train the nodule detector on phantom exports; log to MLflow and register the champion."""
     from rich.progress import Progress
 
-    from apps.medical.train import TrainConfig, train_and_log
+    from apps.medical.train import InitError, TrainConfig, train_and_log
 
     for d in data:
         check_export(d)
     if init is not None:
-        from apps.medical.train import initial_detector
-
         check_model_source(init, option="--init")
-        try:
-            initial_detector(init)
-        except ValueError as exc:  # e.g. an ensemble file
-            raise UserError(str(exc)) from None
     set_threads(threads)
     try:
         cfg = TrainConfig(
@@ -96,7 +90,12 @@ def train(
         def cb(step: int, rec: dict[str, float]) -> None:
             prog.update(task, completed=step, description=f"training loss {rec['total']:.3f}")
 
-        summary = train_and_log(data, cfg, out_path=out, register=register, progress=cb, init=init)
+        try:  # the --init detector is loaded first, before any export is read
+            summary = train_and_log(
+                data, cfg, out_path=out, register=register, progress=cb, init=init
+            )
+        except InitError as exc:  # e.g. an ensemble file
+            raise UserError(str(exc)) from None
     typer.echo(json.dumps(summary, indent=1))
 
 

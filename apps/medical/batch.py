@@ -320,7 +320,6 @@ def _log_run(
                 **{f"failures_{k}": v for k, v in reasons.items()},
             }
         )
-        if (out_dir / "manifest.json").exists():
-            tracking.log_artifact(out_dir / "manifest.json")
+        tracking.log_artifact(out_dir / "manifest.json")
         tracking.log_artifact(out_dir / "batch_summary.json")
         return str(run.info.run_id)

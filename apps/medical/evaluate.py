@@ -167,9 +167,9 @@ def evaluate_export(
     one FROC over all their scans, plus ``exports``: each one's own); return all metrics.
     A study found in two of the exports is an error (it would count twice)."""
     from apps.medical.pacs import load_study_volumes, read_clinical_text
-    from apps.medical.phantom import load_export
+    from apps.medical.phantom import export_dirs, load_export
 
-    dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir)
+    dirs = export_dirs(data_dir)
     work: list[tuple[int, dict[str, Any], Any, Any]] = []  # (export, truth, scan, study)
     where: dict[str, Path | str] = {}
     for i, d in enumerate(dirs):

@@ -1358,6 +1358,11 @@ def load_truth(truth_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def export_dirs(data: Path | str | Sequence[Path | str]) -> list[Path | str]:
+    """One export folder or several, as a list (commands that pool exports take either)."""
+    return [data] if isinstance(data, str | Path) else list(data)
+
+
 def load_export(data_dir: Path | str) -> tuple[dict[str, dict[str, Any]], ScanResult, list[Study]]:
     """A phantom export (``pacs/`` + ``truth/``): its truth by Study Instance UID, the scan of
     ``pacs/`` and the scanned studies that have truth (scan order). Raises

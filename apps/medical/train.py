@@ -392,6 +392,10 @@ def mine_false_positives(
     return total
 
 
+class InitError(ValueError):
+    """``--init`` names a file that cannot be continued (an ensemble)."""
+
+
 def initial_detector(source: str | Path) -> NoduleDetector:
     """The detector of a state file or MLflow URI, to continue training from (``--init``).
     Ensembles are refused (train each member); a second-stage classifier in the file is not
@@ -401,7 +405,7 @@ def initial_detector(source: str | Path) -> NoduleDetector:
 
     model, _, fpr = _load_detector(source)
     if isinstance(model, DetectorEnsemble):
-        raise ValueError(f"{source} is an ensemble: --init takes one detector")
+        raise InitError(f"{source} is an ensemble: --init takes one detector")
     if fpr is not None:
         log.warning("%s: its second-stage classifier is dropped (run train-fpr again)", source)
     return model
@@ -418,9 +422,10 @@ def train_and_log(
     """Load the export(s), train (from ``init``'s weights when given: fine-tuning; its
     architecture then wins over ``cfg.encoder``/``cfg.channels``), save ``out_path`` (a state
     file) and log/register in MLflow."""
+    from apps.medical.phantom import export_dirs
     from core import tracking
 
-    dirs = [data_dir] if isinstance(data_dir, str | Path) else list(data_dir)
+    dirs = export_dirs(data_dir)
     start = initial_detector(init) if init is not None else None
     t0 = time.perf_counter()
     cases = [c for d in dirs for c in load_cases(d, cfg.spacing_mm)]
